@@ -1,0 +1,94 @@
+"""Wall-clock latency of a callable: warm-up, then timed runs, robust statistics.
+
+Each timed run is measured with ``time.perf_counter_ns`` around one call of ``run``; the
+callable must itself wait for its work to finish (e.g. ``torch.cuda.synchronize()`` or a
+blocking engine call), otherwise only the launch is timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LatencyStats", "measure_latency"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Statistics of ``runs`` timings in milliseconds.
+
+    ``p10``/``median``/``p90`` are the 10th/50th/90th percentiles with linear interpolation
+    between order statistics (``numpy.percentile``'s default): for sorted times
+    ``t_0 ≤ … ≤ t_{n−1}``, ``P(q) = t_⌊i⌋ + (i − ⌊i⌋)(t_⌊i⌋+1 − t_⌊i⌋)`` with
+    ``i = q/100 · (n − 1)``; ``mean_ms = Σ t_i / n``.
+    """
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The manifest's form: ``{"median", "p10", "p90", "mean", "runs"}`` (ms)."""
+        return {
+            "median": self.median_ms,
+            "p10": self.p10_ms,
+            "p90": self.p90_ms,
+            "mean": self.mean_ms,
+            "runs": self.runs,
+        }
+
+
+def measure_latency(
+    run: Callable[[], object],
+    warmup: int,
+    runs: int,
+    on_step: Callable[[], None] | None = None,
+) -> LatencyStats:
+    """Call ``run`` ``warmup`` times untimed, then ``runs`` times timed, and summarise.
+
+    ``on_step`` (e.g. a progress bar's ``advance``) is called after every call, warm-up
+    included (``warmup + runs`` times in all), outside the timed interval.
+
+    Raises:
+        ValueError: ``warmup < 0`` or ``runs < 1``.
+    """
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        run()
+        if on_step is not None:
+            on_step()
+    times_ns = np.empty(runs, dtype=np.int64)
+    for i in range(runs):
+        t0 = time.perf_counter_ns()
+        run()
+        times_ns[i] = time.perf_counter_ns() - t0
+        if on_step is not None:
+            on_step()
+    ms = times_ns.astype(np.float64) / 1e6
+    p10, median, p90 = np.percentile(ms, [10.0, 50.0, 90.0])
+    stats = LatencyStats(
+        median_ms=float(median),
+        p10_ms=float(p10),
+        p90_ms=float(p90),
+        mean_ms=float(ms.mean()),
+        runs=runs,
+    )
+    log.debug(
+        "latency over %d runs: median %.3f ms (p10 %.3f, p90 %.3f)",
+        runs,
+        stats.median_ms,
+        stats.p10_ms,
+        stats.p90_ms,
+    )
+    return stats

@@ -1,0 +1,40 @@
+"""Tests of esr_deploy.validate.latency (lower bounds only: the machine is noisy)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from esr_deploy.validate.latency import LatencyStats, measure_latency
+
+
+def test_sleep_gives_at_least_its_duration() -> None:
+    steps: list[int] = []
+    calls: list[int] = []
+
+    def run() -> None:
+        calls.append(1)
+        time.sleep(0.005)
+
+    stats = measure_latency(run, warmup=2, runs=7, on_step=lambda: steps.append(1))
+    assert isinstance(stats, LatencyStats)
+    assert len(calls) == 9 and len(steps) == 9
+    assert stats.runs == 7
+    assert stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    assert stats.median_ms >= 5.0 and stats.p10_ms >= 5.0 and stats.mean_ms >= 5.0
+
+
+def test_to_dict_keys() -> None:
+    stats = measure_latency(lambda: None, warmup=0, runs=3)
+    d = stats.to_dict()
+    assert set(d) == {"median", "p10", "p90", "mean", "runs"}
+    assert d["runs"] == 3 and d["median"] == stats.median_ms
+    assert 0.0 <= d["p10"] <= d["median"] <= d["p90"]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="runs"):
+        measure_latency(lambda: None, warmup=0, runs=0)
+    with pytest.raises(ValueError, match="warmup"):
+        measure_latency(lambda: None, warmup=-1, runs=1)

@@ -29,6 +29,11 @@ class EsrDeployError(Exception):
 
     exit_code: int = EXIT_BAD_INPUT
 
+    def __init__(self, message: str, details: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        #: Structured data for ``--json`` output (e.g. the failing manifest).
+        self.details = details
+
 
 class CheckpointError(EsrDeployError):
     """The checkpoint file is missing, unreadable, unsafe or holds bad tensors."""

@@ -1,4 +1,4 @@
-"""Where the files that ship with esr-deploy live (recipes, the example checkpoint, the default set)."""
+"""Where the files that ship with esr-deploy live: recipes, example checkpoint, default set."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def recipes_dir() -> Path:
 
 def default_val_dir() -> Path:
     """The small validation set that ships with the package (``HR/`` and ``LR_bicubic/X<s>/``)."""
-    return ASSETS_DIR / "val"
+    return ASSETS_DIR / "set5_crops"
 
 
 def example_checkpoint() -> Path:

@@ -1,0 +1,39 @@
+# esr-deploy: `make demo` (compile the bundled example to a CPU engine) and `make test`.
+# `install` makes .venv in the checkout and pins the CPU build of torch before anything else
+# can pull the multi-GB CUDA build from PyPI.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-gpu bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/esr-deploy compile esr_deploy/assets/rlfn_x4.pth --target ort-fp32
+
+test: install
+	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/run.py
+
+lint: install
+	$(BIN)/ruff check esr_deploy tests bench
+	$(BIN)/mypy esr_deploy
+
+clean:
+	rm -rf $(VENV) engines/*/ .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,63 @@
+"""The backend interface: build an engine from ONNX, load it, run it.
+
+A backend is imported lazily by :mod:`esr_deploy.targets` and is the only module that imports
+its runtime (``onnxruntime``, ``tensorrt``): ``esr-deploy --help`` and the test suite work
+without any of them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here; ``reason`` says why not (and what to do)."""
+
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    """What a backend wrote into the bundle: the engine file and facts for the manifest."""
+
+    engine_file: str  # relative to the bundle folder
+    backend_version: str
+    device: Mapping[str, Any]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+class EngineSession(ABC):
+    """A loaded engine. ``run`` takes and returns float32 NCHW arrays."""
+
+    @abstractmethod
+    def run(self, lr: np.ndarray) -> np.ndarray: ...
+
+
+class Backend(ABC):
+    """One runtime (ONNX Runtime CPU, TensorRT, ...)."""
+
+    name: str
+
+    @abstractmethod
+    def availability(self, precision: str) -> Availability: ...
+
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def device(self) -> Mapping[str, Any]:
+        """This machine, described as the manifest records it (CPU flags, GPU name, ...)."""
+
+    @abstractmethod
+    def build(self, onnx_path: Path, bundle_dir: Path, precision: str) -> BuiltEngine: ...
+
+    @abstractmethod
+    def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession: ...

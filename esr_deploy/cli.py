@@ -1,0 +1,364 @@
+"""The ``esr-deploy`` command line: the only place errors become messages and exit codes.
+
+Exit codes: 0 ok, 1 internal error, 2 bad input, 3 validation failed, 4 target unavailable
+(:mod:`esr_deploy.errors`). Progress bars and messages go to stderr; with ``--json`` stdout
+carries the manifest and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from esr_deploy import __version__
+from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
+
+app = typer.Typer(
+    name="esr-deploy",
+    help="Deployment compiler for efficient super-resolution networks: checkpoint → validated "
+    "engine bundle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+T = TypeVar("T")
+
+
+def _run(fn: Callable[[], T], json_output: bool = False) -> T:
+    """Run a command body; turn EsrDeployError into a message and its exit code."""
+    try:
+        return fn()
+    except EsrDeployError as exc:
+        if json_output and exc.details is not None:
+            sys.stdout.write(json.dumps(exc.details, indent=2) + "\n")
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        raise typer.Exit(130) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise EsrDeployError(f"Shape '{text}' is not HxW (e.g. 256x256).") from None
+    if h < 1 or w < 1:
+        raise EsrDeployError(f"Shape '{text}' must have positive sides.")
+    return h, w
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"esr-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """esr-deploy."""
+
+
+def _summary(manifest: dict[str, Any], bundle: Path) -> Table:
+    table = Table(title=f"{manifest['name']} → {manifest['target']}  ({bundle})")
+    for col in ("set", "images", "ref PSNR-Y", "engine PSNR-Y", "drop", "min parity", "ok"):
+        table.add_column(col, justify="right" if col != "set" else "left")
+    for name, v in manifest["validation"].items():
+        table.add_row(
+            name,
+            str(v["images"]),
+            f"{v['reference_psnr_y']:.4f}",
+            f"{v['engine_psnr_y']:.4f}",
+            f"{v['psnr_drop']:+.4f}",
+            f"{v['parity_min_psnr']:.1f} dB",
+            "yes" if v["passed"] else "NO",
+        )
+    return table
+
+
+def _latency_table(manifest: dict[str, Any]) -> Table:
+    table = Table(title="latency (ms)")
+    for col in ("input", "median", "p10", "p90", "runs"):
+        table.add_column(col, justify="right")
+    for shape, lat in manifest.get("latency_ms", {}).items():
+        table.add_row(
+            shape,
+            f"{lat['median']:.2f}",
+            f"{lat['p10']:.2f}",
+            f"{lat['p90']:.2f}",
+            str(lat["runs"]),
+        )
+    return table
+
+
+@app.command("compile")
+def compile_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained checkpoint (.pth/.pt/.ckpt).")],
+    target: Annotated[
+        str, typer.Option("--target", "-t", help="Target, e.g. ort-fp32.")
+    ] = "ort-fp32",
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", "-r", help="Zoo recipe name or path to a recipe .toml."),
+    ] = None,
+    arch: Annotated[str | None, typer.Option(help="User architecture, pkg.module:Class.")] = None,
+    arch_args: Annotated[str | None, typer.Option(help="JSON constructor arguments.")] = None,
+    scale: Annotated[int | None, typer.Option(help="Upscaling factor (with --arch).")] = None,
+    data_range: Annotated[
+        float | None,
+        typer.Option(help="Input range the network was trained with: 1 or 255 (with --arch)."),
+    ] = None,
+    val: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--val",
+            help="Validation set folder with HR/ and LR_bicubic/X<scale>/ "
+            "(repeatable; default: a small set that ships with esr-deploy).",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Bundle folder (default engines/<name>-<target>)."),
+    ] = None,
+    latency_shape: Annotated[
+        list[str] | None,
+        typer.Option(help="LR shape HxW to time (repeatable; default 256x256 and 720x1280)."),
+    ] = None,
+    latency_runs: Annotated[int, typer.Option(help="Timed runs per shape.")] = 10,
+    large_runs: Annotated[
+        int, typer.Option(help="Timed runs at shapes above 512x512 LR (after one warm-up).")
+    ] = 2,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip latency.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Compile a checkpoint into a validated engine bundle."""
+    _setup_logging(verbose)
+
+    def body() -> None:
+        from esr_deploy.compiler import (
+            DEFAULT_LATENCY_SHAPES,
+            CompileOptions,
+            ModelSource,
+            compile_model,
+        )
+        from esr_deploy.progress import RichProgress
+
+        if latency_runs < 1 or large_runs < 1:
+            raise EsrDeployError("--latency-runs and --large-runs must be at least 1.")
+        shapes = (
+            ()
+            if no_latency
+            else tuple(_parse_shape(s) for s in latency_shape)
+            if latency_shape
+            else DEFAULT_LATENCY_SHAPES
+        )
+        options = CompileOptions(
+            source=ModelSource(
+                checkpoint=checkpoint,
+                recipe=recipe,
+                arch=arch,
+                arch_args=arch_args,
+                scale=scale,
+                data_range=data_range,
+            ),
+            target=target,
+            val_dirs=tuple(val or ()),
+            out=out_dir,
+            latency_shapes=shapes,
+            latency_runs=latency_runs,
+            large_runs=large_runs,
+        )
+        result = compile_model(
+            options,
+            progress=RichProgress(err),
+            on_note=lambda note: err.print(note, highlight=False),
+        )
+        if json_output:
+            sys.stdout.write(json.dumps(result.manifest, indent=2) + "\n")
+            return
+        out.print(_summary(result.manifest, result.bundle))
+        if result.manifest["latency_ms"]:
+            out.print(_latency_table(result.manifest))
+        out.print(f"bundle: {result.bundle}")
+
+    _run(body, json_output)
+
+
+@app.command()
+def targets(
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List targets and whether each can run on this machine (and why not)."""
+    from esr_deploy.targets import TARGETS, availability
+
+    rows = [(t, availability(t)) for t in TARGETS]
+    if json_output:
+        sys.stdout.write(
+            json.dumps(
+                [
+                    {
+                        "target": t.name,
+                        "available": a.ok,
+                        "reason": a.reason,
+                        "description": t.description,
+                    }
+                    for t, a in rows
+                ],
+                indent=2,
+            )
+            + "\n"
+        )
+        return
+    table = Table(title="targets")
+    for col in ("target", "available", "description / why not"):
+        table.add_column(col)
+    for t, a in rows:
+        table.add_row(
+            t.name, "[green]yes[/]" if a.ok else "[red]no[/]", t.description if a.ok else a.reason
+        )
+    out.print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the zoo's recipes."""
+
+    def body() -> None:
+        from esr_deploy.recipe import zoo_recipes
+
+        table = Table(title="recipes")
+        for col in ("name", "scale", "range", "arch", "description"):
+            table.add_column(col)
+        for r in zoo_recipes():
+            table.add_row(r.name, f"x{r.scale}", f"0..{r.data_range:g}", r.arch, r.description)
+        out.print(table)
+
+    _run(body)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A checkpoint or an engine bundle folder.")],
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r")] = None,
+    arch: Annotated[str | None, typer.Option()] = None,
+    arch_args: Annotated[str | None, typer.Option()] = None,
+    scale: Annotated[int | None, typer.Option()] = None,
+    data_range: Annotated[float | None, typer.Option()] = None,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show what a checkpoint holds (architecture, metrics, input range) or a bundle's manifest."""
+    _setup_logging(False)
+
+    def body() -> None:
+        from esr_deploy.inspection import inspect_bundle, inspect_checkpoint
+
+        if path.is_dir():
+            info = inspect_bundle(path)
+        else:
+            from esr_deploy.compiler import ModelSource
+
+            info = inspect_checkpoint(
+                ModelSource(
+                    checkpoint=path,
+                    recipe=recipe,
+                    arch=arch,
+                    arch_args=arch_args,
+                    scale=scale,
+                    data_range=data_range,
+                )
+            )
+        if json_output:
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+            return
+        table = Table(title=str(path), show_header=False)
+        table.add_column("key")
+        table.add_column("value")
+        for key, value in info.items():
+            table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        out.print(table)
+
+    _run(body, json_output)
+
+
+@app.command()
+def validate(
+    bundle: Annotated[Path, typer.Argument(help="Engine bundle folder.")],
+    val: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--val",
+            help="Validation set folder "
+            "(repeatable; default: the sets in the manifest that still exist, else the "
+            "packaged set).",
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint for the PyTorch reference (default: the manifest's path)."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-run parity and task-quality validation of a bundle on this machine."""
+    _setup_logging(False)
+
+    def body() -> None:
+        from esr_deploy.compiler import validate_bundle
+        from esr_deploy.errors import ValidationError
+        from esr_deploy.progress import RichProgress
+
+        report = validate_bundle(bundle, tuple(val or ()), checkpoint, RichProgress(err))
+        if json_output:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            err.print(f"reference: {report['reference']}", highlight=False)
+            out.print(
+                _summary({**report, "name": report["name"], "target": report["target"]}, bundle)
+            )
+        if report["failures"]:
+            raise ValidationError("Validation failed — " + "; ".join(report["failures"]))
+
+    _run(body, json_output=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:  # keep typer's own exit codes (usage errors are 2)
+        code = exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+        raise SystemExit(code) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

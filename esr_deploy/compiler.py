@@ -1,0 +1,394 @@
+"""The compile pipeline: checkpoint → model → ONNX → engine → validation → bundle.
+
+Cheap checks that can fail on user input run first (target available here, output writable,
+checkpoint safe and complete, recipe, validation images readable), so a mistake is reported
+in seconds and before anything is written. The bundle is staged in a hidden folder and moved
+into place only after every validation check passed (:mod:`esr_deploy.bundle`).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from esr_deploy import __version__
+from esr_deploy.backends.base import Backend, EngineSession
+from esr_deploy.bundle import (
+    REFERENCE_ONNX,
+    REPORT,
+    SCHEMA_VERSION,
+    StagedBundle,
+    check_device,
+    load_bundle,
+)
+from esr_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_weights
+from esr_deploy.data import ValidationSet, load_validation_set
+from esr_deploy.errors import BundleError, KeyMismatchError, ValidationError
+from esr_deploy.export import INPUT_NAME, OUTPUT_NAME, ExportResult, export_onnx
+from esr_deploy.paths import default_val_dir
+from esr_deploy.progress import NullProgress, Progress
+from esr_deploy.recipe import (
+    DEFAULT_TOLERANCES,
+    Recipe,
+    Tolerances,
+    describe_closest,
+    detect_recipe,
+    find_recipe,
+    parse_recipe,
+    rank_recipes,
+    recipe_from_arch,
+)
+from esr_deploy.targets import Target, require_available
+from esr_deploy.validate.latency import measure_latency
+from esr_deploy.validate.metrics import model_metrics
+from esr_deploy.validate.parity import ReferenceRun, SetResult, evaluate_set
+from esr_deploy.validate.report import write_report
+
+log = logging.getLogger(__name__)
+
+HW = tuple[int, int]
+#: Default latency shapes (LR H×W): the NTIRE 256×256 and a 720p LR frame.
+DEFAULT_LATENCY_SHAPES: tuple[HW, ...] = ((256, 256), (720, 1280))
+DEFAULT_LATENCY_RUNS = 10
+#: Shapes with more LR pixels than this are timed with one warm-up and LARGE_SHAPE_RUNS runs
+#: (a 720p LR frame at x4 takes seconds per run on a 2-core CPU); ``--latency-runs`` and the
+#: warm-up apply in full to the smaller shapes. More runs at large shapes: --large-runs.
+LARGE_SHAPE_PIXELS = 512 * 512
+LARGE_SHAPE_RUNS = 2
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from: a checkpoint plus a recipe, named or detected."""
+
+    checkpoint: Path
+    recipe: str | None = None
+    arch: str | None = None
+    arch_args: str | None = None
+    scale: int | None = None
+    data_range: float | None = None
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    source: ModelSource
+    target: str = "ort-fp32"
+    val_dirs: tuple[Path, ...] = ()
+    out: Path | None = None
+    engines_dir: Path = Path("engines")
+    latency_shapes: tuple[HW, ...] = DEFAULT_LATENCY_SHAPES
+    latency_runs: int = DEFAULT_LATENCY_RUNS
+    latency_warmup: int = 2
+    large_runs: int = LARGE_SHAPE_RUNS
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    recipe: Recipe
+    model: nn.Module
+    checkpoint: LoadedCheckpoint
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    bundle: Path
+    manifest: dict[str, Any]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def resolve_recipe(source: ModelSource, ckpt: LoadedCheckpoint) -> tuple[Recipe, str]:
+    """The recipe for ``ckpt`` and a sentence saying how it was chosen."""
+    if source.arch:
+        recipe = recipe_from_arch(source.arch, source.arch_args, source.scale, source.data_range)
+        return recipe, f"architecture {source.arch} given with --arch"
+    if source.recipe:
+        return find_recipe(source.recipe), f"recipe '{source.recipe}' given with --recipe"
+    recipe = detect_recipe(ckpt.state_dict)
+    return recipe, f"detected recipe '{recipe.name}' (the only zoo recipe that loads it strictly)"
+
+
+def load_model(source: ModelSource) -> LoadedModel:
+    """Load the checkpoint safely, choose the recipe, build the model and load its weights."""
+    ckpt = load_checkpoint(source.checkpoint)
+    recipe, how = resolve_recipe(source, ckpt)
+    model = recipe.build_model()
+    try:
+        load_weights(model, ckpt)
+    except KeyMismatchError as exc:
+        closest = describe_closest(rank_recipes(ckpt.state_dict))
+        raise KeyMismatchError(
+            f"{exc} — The checkpoint does not fit {recipe.arch} ({how}); zoo recipes closest "
+            f"to it: {closest}."
+        ) from exc
+    notes = [f"Using {how}."]
+    if ckpt.placeholders:
+        notes.append(
+            "Non-tensor objects in the checkpoint were not imported or run: "
+            + ", ".join(ckpt.placeholders[:5])
+        )
+    return LoadedModel(recipe=recipe, model=model.eval(), checkpoint=ckpt, notes=tuple(notes))
+
+
+def load_sets(val_dirs: Sequence[Path], scale: int) -> list[ValidationSet]:
+    dirs = list(val_dirs) or [default_val_dir()]
+    return [load_validation_set(d, scale) for d in dirs]
+
+
+def measure_engine_latency(
+    session: EngineSession,
+    shapes: Sequence[HW],
+    runs: int,
+    warmup: int,
+    data_range: float,
+    progress: Progress,
+    large_runs: int = LARGE_SHAPE_RUNS,
+) -> dict[str, dict[str, Any]]:
+    """Median/p10/p90 of the engine at each LR shape, keyed ``1x3xHxW``."""
+    results: dict[str, dict[str, Any]] = {}
+    gen = np.random.default_rng(0)
+    for h, w in shapes:
+        large = h * w > LARGE_SHAPE_PIXELS
+        n = min(runs, large_runs) if large else runs
+        warm = min(warmup, 1) if large else warmup
+        x = (gen.random((1, 3, h, w), dtype=np.float32) * data_range).astype(np.float32)
+        with progress.task(f"latency 1x3x{h}x{w}", warm + n) as advance:
+            stats = measure_latency(
+                lambda x=x: session.run(x), warmup=warm, runs=n, on_step=advance
+            )
+        results[f"1x3x{h}x{w}"] = stats.to_dict()
+    return results
+
+
+def _usable_shapes(shapes: Sequence[HW], export: ExportResult) -> list[HW]:
+    lo = export.input_range.min_hw
+    usable = []
+    for h, w in shapes:
+        if h < lo[0] or w < lo[1]:
+            log.warning("latency shape %dx%d is below the minimum input %s; skipped", h, w, lo)
+            continue
+        usable.append((h, w))
+    return usable
+
+
+def build_manifest(
+    loaded: LoadedModel,
+    target: Target,
+    backend: Backend,
+    export: ExportResult,
+    engine_info: dict[str, Any],
+    sets: Sequence[SetResult],
+    latency: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    recipe = loaded.recipe
+    profile = recipe.profile.to_dict()
+    profile["min"] = list(export.input_range.min_hw)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": recipe.name,
+        "target": target.name,
+        "precision": target.precision,
+        "backend": backend.name,
+        "backend_version": backend.version(),
+        "scale": recipe.scale,
+        "data_range": recipe.data_range,
+        "color_order": recipe.color_order,
+        "layout": "NCHW",
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 3, "H", "W"]}],
+        "outputs": [
+            {
+                "name": OUTPUT_NAME,
+                "dtype": "float32",
+                "shape": ["N", 3, f"H*{recipe.scale}", f"W*{recipe.scale}"],
+            }
+        ],
+        "profile": profile,
+        "checkpoint": {
+            "path": str(loaded.checkpoint.path),
+            "sha256": loaded.checkpoint.sha256,
+            "nested_key": loaded.checkpoint.nested_key,
+            "placeholders": list(loaded.checkpoint.placeholders),
+        },
+        "recipe": recipe.to_dict(),
+        "arch": recipe.arch,
+        "arch_args": dict(recipe.arch_args),
+        "engine": engine_info,
+        "reference_onnx": REFERENCE_ONNX,
+        "export": export.to_dict(),
+        "passes": [],
+        "metrics": metrics,
+        "validation": {s.name: s.to_dict() for s in sets},
+        "latency_ms": latency,
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "esr_deploy_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def compile_model(
+    options: CompileOptions,
+    progress: Progress | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> CompileResult:
+    """Run the whole pipeline; see the module docstring. Raises EsrDeployError subclasses.
+
+    ``on_note`` receives sentences a user should see as they happen (which recipe was
+    chosen, what was skipped); the CLI prints them.
+    """
+    progress = progress or NullProgress()
+    torch.manual_seed(0)
+    target, backend = require_available(options.target)
+    loaded = load_model(options.source)
+    for note in loaded.notes:
+        log.info("%s", note)
+        if on_note is not None:
+            on_note(note)
+    recipe = loaded.recipe
+    destination = options.out or options.engines_dir / f"{recipe.name}-{target.name}"
+    sets = load_sets(options.val_dirs, recipe.scale)
+    tolerance = recipe.tolerance(target.precision)
+
+    with StagedBundle(destination) as staged:
+        export = export_onnx(
+            loaded.model,
+            staged.dir / REFERENCE_ONNX,
+            recipe.scale,
+            recipe.data_range,
+            max_hw=recipe.profile.max,
+        )
+        built = backend.build(export.path, staged.dir, target.precision)
+        engine_info = {
+            "file": built.engine_file,
+            "backend_version": built.backend_version,
+            "device": dict(built.device),
+            "settings": dict(built.settings),
+        }
+        session = backend.load(staged.dir / built.engine_file, built.settings)
+        results = [
+            evaluate_set(s, loaded.model, session.run, recipe, tolerance, progress) for s in sets
+        ]
+        shapes = _usable_shapes(options.latency_shapes, export)
+        latency = measure_engine_latency(
+            session,
+            shapes,
+            options.latency_runs,
+            options.latency_warmup,
+            recipe.data_range,
+            progress,
+            options.large_runs,
+        )
+        mm = model_metrics(loaded.model, input_hw=(256, 256))
+        metrics = {
+            "params": mm.params,
+            "flops_256": mm.flops,
+            "activations_256": mm.activations,
+            "convs": mm.convs,
+            "onnx_convs": export.stats.convs,
+            "onnx_params": export.stats.params,
+        }
+        manifest = build_manifest(
+            loaded, target, backend, export, engine_info, results, latency, metrics
+        )
+        failures = [f for r in results for f in r.failures()]
+        if failures:
+            manifest["failures"] = failures
+            raise ValidationError(
+                f"Validation of {recipe.name} on {target.name} failed — "
+                + "; ".join(failures)
+                + " — nothing was written to "
+                f"{destination}. Check the per-image numbers above; a recipe may set "
+                "[tolerances] only where the loss is understood.",
+                details=manifest,
+            )
+        write_report(staged.dir / REPORT, manifest)
+        manifest = staged.write_manifest(manifest)
+        bundle = staged.commit()
+    return CompileResult(bundle=bundle, manifest=manifest, notes=loaded.notes)
+
+
+def _reference_from_manifest(
+    manifest: dict[str, Any], bundle: Path, checkpoint: Path | None
+) -> tuple[ReferenceRun, str]:
+    """The PyTorch training-form model when its checkpoint is at hand, else the bundle's ONNX."""
+    path = checkpoint or Path(manifest["checkpoint"]["path"])
+    if path.is_file():
+        ckpt = load_checkpoint(path)
+        if ckpt.sha256 != manifest["checkpoint"]["sha256"]:
+            raise BundleError(
+                f"Checkpoint {path} has SHA-256 {ckpt.sha256}, the bundle was built from "
+                f"{manifest['checkpoint']['sha256']} — pass the original with --checkpoint."
+            )
+        recipe = recipe_from_manifest(manifest)
+        model = recipe.build_model()
+        load_weights(model, ckpt)
+        return model.eval(), f"PyTorch fp32 model from {path}"
+    import onnxruntime as ort  # the fallback reference runs on the CPU runtime
+
+    session = ort.InferenceSession(
+        str(bundle / manifest["reference_onnx"]), providers=["CPUExecutionProvider"]
+    )
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+
+    return run, (
+        f"the bundle's fp32 ONNX ({manifest['reference_onnx']}); checkpoint {path} "
+        "not found (pass --checkpoint for the PyTorch reference)"
+    )
+
+
+def recipe_from_manifest(manifest: dict[str, Any]) -> Recipe:
+    r = manifest["recipe"]
+    return parse_recipe(
+        {k: r[k] for k in ("name", "arch", "arch_args", "scale", "data_range", "color_order")}
+    )
+
+
+def validate_bundle(
+    bundle_path: Path,
+    val_dirs: Sequence[Path],
+    checkpoint: Path | None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Re-run parity and task quality of a bundle here; returns a report dict with failures."""
+    progress = progress or NullProgress()
+    bundle = load_bundle(bundle_path)
+    manifest = dict(bundle.manifest)
+    target, backend = require_available(manifest["target"])
+    check_device(manifest, backend.version(), backend.device())
+    recipe = recipe_from_manifest(manifest)
+    reference, reference_kind = _reference_from_manifest(manifest, bundle.path, checkpoint)
+    session = backend.load(bundle.engine_path, manifest["engine"]["settings"])
+    sets = load_sets(val_dirs, recipe.scale)
+    tolerance = recipe_tolerance(manifest, target.precision)
+    results = [evaluate_set(s, reference, session.run, recipe, tolerance, progress) for s in sets]
+    return {
+        "name": manifest["name"],
+        "target": manifest["target"],
+        "reference": reference_kind,
+        "validation": {r.name: r.to_dict() for r in results},
+        "failures": [f for r in results for f in r.failures()],
+    }
+
+
+def recipe_tolerance(manifest: dict[str, Any], precision: str) -> Tolerances:
+    """The tolerance the bundle was validated with (recorded per set), else the default."""
+    for v in manifest.get("validation", {}).values():
+        req = v.get("required")
+        if req:
+            return Tolerances(**req)
+    return DEFAULT_TOLERANCES[precision]

@@ -113,3 +113,42 @@ class ESA(nn.Module):
         cf = self.conv_f(c1_)
         c4 = self.conv4(c3 + cf)
         return x * torch.sigmoid(c4)
+
+
+class DistillationTrunk(nn.Module):
+    """The IMDN/RFDN trunk: head conv, ``k`` numbered blocks, concat-fuse, long skip, upsampler.
+
+    ``out = up(LR_conv(lrelu(c(cat(b_1, .., b_k)))) + fea)`` with ``fea = fea_conv(x)`` and
+    ``b_i = block_i(b_{i-1})``, ``b_0 = fea``. Parameter names (``fea_conv``,
+    ``<prefix><i>``, ``c.0``, ``LR_conv``, ``upsampler.0``) are those of the official
+    checkpoints; subclasses choose the block and its name prefix.
+    """
+
+    def __init__(
+        self,
+        blocks: list[nn.Module],
+        block_prefix: str,
+        in_channels: int,
+        out_channels: int,
+        feature_channels: int,
+        upscale: int,
+        negative_slope: float,
+    ) -> None:
+        super().__init__()
+        nf = feature_channels
+        self.block_names = [f"{block_prefix}{i + 1}" for i in range(len(blocks))]
+        self.fea_conv = conv_layer(in_channels, nf, 3)
+        for name, block in zip(self.block_names, blocks, strict=True):
+            self.add_module(name, block)
+        self.c = nn.Sequential(conv_layer(nf * len(blocks), nf, 1), nn.LeakyReLU(negative_slope))
+        self.LR_conv = conv_layer(nf, nf, 3)
+        self.upsampler = pixelshuffle_block(nf, out_channels, upscale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fea = self.fea_conv(x)
+        outs = []
+        h = fea
+        for name in self.block_names:
+            h = getattr(self, name)(h)
+            outs.append(h)
+        return self.upsampler(self.LR_conv(self.c(torch.cat(outs, dim=1))) + fea)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from esr_deploy.zoo.blocks import conv_layer, pixelshuffle_block
+from esr_deploy.zoo.blocks import DistillationTrunk, conv_layer
 
 __all__ = ["CCALayer", "IMDB", "IMDN"]
 
@@ -78,7 +78,7 @@ class IMDB(nn.Module):
         return self.c5(self.cca(out)) + x
 
 
-class IMDN(nn.Module):
+class IMDN(DistillationTrunk):
     """IMDN for ``upscale``-times SR; official x4: 64 features, 6 IMDBs, 16 distilled, 715 k params.
 
     Args:
@@ -101,23 +101,14 @@ class IMDN(nn.Module):
         cca_reduction: int = 16,
         upscale: int = 4,
     ) -> None:
-        super().__init__()
         nf = feature_channels
+        super().__init__(
+            blocks=[IMDB(nf, distilled_channels, cca_reduction) for _ in range(num_blocks)],
+            block_prefix="IMDB",
+            in_channels=in_channels,
+            out_channels=out_channels,
+            feature_channels=nf,
+            upscale=upscale,
+            negative_slope=_NEG_SLOPE,
+        )
         self.num_blocks = num_blocks
-        self.fea_conv = conv_layer(in_channels, nf, 3)
-        for i in range(num_blocks):
-            self.add_module(f"IMDB{i + 1}", IMDB(nf, distilled_channels, cca_reduction))
-        self.c = nn.Sequential(conv_layer(nf * num_blocks, nf, 1), nn.LeakyReLU(_NEG_SLOPE))
-        self.LR_conv = conv_layer(nf, nf, 3)
-        self.upsampler = pixelshuffle_block(nf, out_channels, upscale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """N x C x H x W in 0..1 -> N x C x sH x sW in 0..1 (not clamped)."""
-        fea = self.fea_conv(x)
-        outs = []
-        h = fea
-        for i in range(self.num_blocks):
-            h = getattr(self, f"IMDB{i + 1}")(h)
-            outs.append(h)
-        lr = self.LR_conv(self.c(torch.cat(outs, dim=1))) + fea
-        return self.upsampler(lr)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from esr_deploy.zoo.blocks import ESA, conv_layer, pixelshuffle_block
+from esr_deploy.zoo.blocks import ESA, DistillationTrunk, conv_layer
 
 __all__ = ["RFDB", "RFDN"]
 
@@ -59,7 +59,7 @@ class RFDB(nn.Module):
         return self.esa(self.c5(out))
 
 
-class RFDN(nn.Module):
+class RFDN(DistillationTrunk):
     """RFDN for ``upscale``-times SR; official x4: 50 features, 4 RFDBs, 433 k params.
 
     Args:
@@ -82,23 +82,14 @@ class RFDN(nn.Module):
         esa_channels: int = 12,
         upscale: int = 4,
     ) -> None:
-        super().__init__()
         nf = feature_channels
+        super().__init__(
+            blocks=[RFDB(nf, distilled_channels, esa_channels) for _ in range(num_blocks)],
+            block_prefix="B",
+            in_channels=in_channels,
+            out_channels=out_channels,
+            feature_channels=nf,
+            upscale=upscale,
+            negative_slope=_NEG_SLOPE,
+        )
         self.num_blocks = num_blocks
-        self.fea_conv = conv_layer(in_channels, nf, 3)
-        for i in range(num_blocks):
-            self.add_module(f"B{i + 1}", RFDB(nf, distilled_channels, esa_channels))
-        self.c = nn.Sequential(conv_layer(nf * num_blocks, nf, 1), nn.LeakyReLU(_NEG_SLOPE))
-        self.LR_conv = conv_layer(nf, nf, 3)
-        self.upsampler = pixelshuffle_block(nf, out_channels, upscale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """N x C x H x W in 0..255 -> N x C x sH x sW in 0..255 (not clamped)."""
-        fea = self.fea_conv(x)
-        outs = []
-        h = fea
-        for i in range(self.num_blocks):
-            h = getattr(self, f"B{i + 1}")(h)
-            outs.append(h)
-        lr = self.LR_conv(self.c(torch.cat(outs, dim=1))) + fea
-        return self.upsampler(lr)

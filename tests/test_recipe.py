@@ -1,0 +1,128 @@
+"""Recipes: TOML validation, zoo listing, auto-detection and user architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from esr_deploy.checkpoint import load_checkpoint
+from esr_deploy.errors import RecipeError
+from esr_deploy.recipe import (
+    DEFAULT_TOLERANCES,
+    detect_recipe,
+    find_recipe,
+    load_recipe,
+    rank_recipes,
+    recipe_from_arch,
+    zoo_recipes,
+)
+
+ZOO = {"imdn_x4", "rfdn_x4", "rlfn_x4", "fmen_x4", "dipnet_x4"}
+CHECKPOINT_RECIPE = {
+    "imdn_x4.pth": "imdn_x4",
+    "rlfn_x4.pth": "rlfn_x4",
+    "rfdn_aim2020.pth": "rfdn_x4",
+    "fmen_ntire2022.pth": "fmen_x4",
+    "dipnet_ntire2023.pth": "dipnet_x4",
+}
+
+
+class Doubler(nn.Module):
+    """A user architecture defined here, outside the package."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3 * 4, 3, padding=1)
+        self.channels = channels
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.conv(x))
+
+
+def test_zoo_lists_the_five_recipes() -> None:
+    recipes = zoo_recipes()
+    assert {r.name for r in recipes} == ZOO
+    for r in recipes:
+        assert r.scale == 4 and r.data_range in (1.0, 255.0)
+        assert r.profile.opt == (256, 256)
+        assert r.tolerance("fp32") == DEFAULT_TOLERANCES["fp32"]
+
+
+@pytest.mark.parametrize("filename", sorted(CHECKPOINT_RECIPE))
+def test_detection_finds_the_one_recipe(weights_dir, filename) -> None:
+    sd = load_checkpoint(weights_dir / filename).state_dict
+    assert detect_recipe(sd).name == CHECKPOINT_RECIPE[filename]
+    ranking = rank_recipes(sd)
+    assert ranking[0].exact and not any(m.exact for m in ranking[1:])
+
+
+def test_no_match_lists_closest_recipes(weights_dir) -> None:
+    sd = load_checkpoint(weights_dir / "rlfn_x4.pth").state_dict
+    sd = {k: v for k, v in sd.items() if not k.startswith("block_4.")}  # a 3-block RLFN
+    with pytest.raises(RecipeError, match=r"closest: rlfn_x4 \(\d+% .*--arch"):
+        detect_recipe(sd)
+
+
+def test_recipe_file_tolerance_override(tmp_path) -> None:
+    text = (find_recipe("rlfn_x4").source.read_text()  # type: ignore[union-attr]
+            + "\n[tolerances.fp32]\nparity_min_psnr = 70.0\n")
+    path = tmp_path / "strict.toml"
+    path.write_text(text)
+    recipe = find_recipe(str(path))
+    assert recipe.tolerance("fp32").parity_min_psnr == 70.0
+    assert recipe.tolerance("fp32").max_psnr_drop == DEFAULT_TOLERANCES["fp32"].max_psnr_drop
+    assert recipe.tolerance("int8") == DEFAULT_TOLERANCES["int8"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('arch = "a:B"\nscale = 4\n', "missing required key 'data_range'"),
+        ('arch = "a:B"\nscale = 0\ndata_range = 1\n', "scale must be a positive integer"),
+        ('arch = "a:B"\nscale = 2\ndata_range = 7\n', "data_range must be 1 or 255"),
+        ('arch = "a:B"\nscale = 2\ndata_range = 1\nsclae = 3\n', r"unknown keys \['sclae'\]"),
+        ('arch = "a:B"\nscale = 2\ndata_range = 1\n[profile]\nopt = [0, 4]\n', "profile.opt"),
+        ('arch = "a:B"\nscale = 2\ndata_range = 1\n[tolerances.fp64]\n', "not a precision"),
+        ("arch = \n", "not valid TOML"),
+    ],
+)
+def test_bad_recipe_files(tmp_path, text, message) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_unknown_recipe_name_lists_the_zoo() -> None:
+    with pytest.raises(RecipeError, match="the zoo has: dipnet_x4, fmen_x4"):
+        find_recipe("edsr_x4")
+
+
+def test_user_architecture_from_this_module() -> None:
+    recipe = recipe_from_arch(f"{__name__}:Doubler", '{"channels": 8}', scale=2, data_range=1)
+    model = recipe.build_model()
+    assert isinstance(model, Doubler) and model.channels == 8
+    assert model(torch.zeros(1, 3, 5, 7)).shape == (1, 3, 10, 14)
+
+
+@pytest.mark.parametrize(
+    ("arch", "args", "message"),
+    [
+        ("no_colon", None, "not of the form package.module:Class"),
+        ("no_such_module_xyz:Net", None, "Could not import module 'no_such_module_xyz'"),
+        (f"{__name__}:Missing", None, "has no attribute 'Missing'"),
+        (f"{__name__}:Doubler", '{"chanels": 8}', "constructor rejected the arguments"),
+        (f"{__name__}:Doubler", "[1, 2]", "must be a JSON object"),
+        (f"{__name__}:Doubler", "{oops", "not valid JSON"),
+    ],
+)
+def test_bad_user_architecture(arch, args, message) -> None:
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_arch(arch, args, scale=2, data_range=1).build_model()
+
+
+def test_user_architecture_needs_scale_and_range() -> None:
+    with pytest.raises(RecipeError, match="--scale and --data-range"):
+        recipe_from_arch(f"{__name__}:Doubler", None, scale=None, data_range=1)

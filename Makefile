@@ -6,9 +6,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
+# type stubs of the TensorRT 10.13 Python API, without tensorrt itself (needs NVIDIA's index)
+TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench lint clean
+.PHONY: install demo test test-gpu bench zoo lint clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(TRT_STUBS)
 	touch $@
 
 demo: install
@@ -30,6 +33,9 @@ test-gpu: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+zoo: install
+	$(BIN)/python bench/zoo.py
 
 lint: install
 	$(BIN)/ruff check esr_deploy tests bench

@@ -209,7 +209,7 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, opset: int) -> o
         torch.onnx.export(
             model,
             (sample,),
-            buf,
+            buf,  # type: ignore[arg-type]  # file objects are accepted at run time
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {2: "h", 3: "w"}, OUTPUT_NAME: {2: "H", 3: "W"}},

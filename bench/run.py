@@ -1,0 +1,105 @@
+"""Side-by-side latency: eager PyTorch fp32 vs the compiled ort-fp32 engine, per zoo model.
+
+Runs are interleaved (eager, engine, eager, engine, ...) so that machine noise hits both
+alike; the printed ratio is median(eager) / median(engine) from the same run. Results are
+also written to bench/out/latest.json.
+
+    python bench/run.py [--models rlfn_x4 imdn_x4] [--shape 256x256] [--runs 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from esr_deploy.checkpoint import load_checkpoint, load_weights
+from esr_deploy.export import export_onnx
+from esr_deploy.recipe import find_recipe
+from esr_deploy.targets import require_available
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKPOINTS = {
+    "imdn_x4": "imdn_x4.pth",
+    "rfdn_x4": "rfdn_aim2020.pth",
+    "rlfn_x4": "rlfn_x4.pth",
+    "fmen_x4": "fmen_ntire2022.pth",
+    "dipnet_x4": "dipnet_ntire2023.pth",
+}
+
+
+def _time_ms(fn) -> float:
+    start = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - start) / 1e6
+
+
+def bench_model(name: str, weights: Path, hw: tuple[int, int], runs: int) -> dict:
+    recipe = find_recipe(name)
+    model = recipe.build_model()
+    load_weights(model, load_checkpoint(weights))
+    _, backend = require_available("ort-fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_onnx(model, Path(tmp) / "m.onnx", recipe.scale, recipe.data_range)
+        built = backend.build(exported.path, Path(tmp), "fp32")
+        session = backend.load(Path(tmp) / built.engine_file, built.settings)
+        x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0)) * recipe.data_range
+        xn = x.numpy()
+        eager, engine = [], []
+        with torch.inference_mode():
+            model(x), session.run(xn)  # warm-up
+            for _ in range(runs):
+                eager.append(_time_ms(lambda: model(x)))
+                engine.append(_time_ms(lambda: session.run(xn)))
+    e, g = statistics.median(eager), statistics.median(engine)
+    return {
+        "model": name,
+        "shape": f"1x3x{hw[0]}x{hw[1]}",
+        "eager_fp32_ms": e,
+        "ort_fp32_ms": g,
+        "ratio_eager_over_ort": e / g,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(CHECKPOINTS))
+    parser.add_argument("--shape", default="256x256")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "weights")
+    args = parser.parse_args()
+    hw = tuple(int(v) for v in args.shape.split("x"))
+    rows = []
+    print(
+        f"{'model':<10} {'shape':<13} {'eager fp32 ms':>14} {'ort-fp32 ms':>12} {'eager/ort':>10}"
+    )
+    for name in args.models:
+        weights = args.weights / CHECKPOINTS[name]
+        if not weights.is_file():
+            if name != "rlfn_x4":
+                print(f"{name:<10} skipped: {weights} not found", file=sys.stderr)
+                continue
+            weights = REPO / "esr_deploy" / "assets" / "rlfn_x4.pth"
+        row = bench_model(name, weights, hw, args.runs)  # type: ignore[arg-type]
+        rows.append(row)
+        print(
+            f"{name:<10} {row['shape']:<13} {row['eager_fp32_ms']:>14.1f} "
+            f"{row['ort_fp32_ms']:>12.1f} {row['ratio_eager_over_ort']:>9.2f}x",
+            flush=True,
+        )
+    out = REPO / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
-from esr_deploy.errors import BundleError
+from esr_deploy.errors import BundleError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ def cpu_info() -> dict[str, Any]:
     return info
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class OrtSession(EngineSession):
     def __init__(self, session: Any) -> None:
         self._session = session
@@ -112,7 +117,17 @@ class OnnxRuntimeCPU(Backend):
         threads = default_threads()
         opts = self._options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         opts.optimized_model_filepath = str(bundle_dir / ENGINE_FILE)
-        ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(
+                str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ExportError(
+                f"ONNX Runtime {ort.__version__} could not build an engine from "
+                f"{onnx_path.name}: {_first_line(exc)} — where it names an op or node, ONNX "
+                "Runtime CPU does not implement it: replace that op in the model or choose "
+                "another target; where it names an IR or opset version, upgrade onnxruntime."
+            ) from exc
         log.info(
             "ONNX Runtime %s optimised %s with %d threads", ort.__version__, onnx_path, threads
         )

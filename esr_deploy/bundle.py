@@ -45,24 +45,38 @@ def sha256_file(path: Path) -> str:
 
 
 def check_writable(destination: Path) -> None:
-    """Fail early, before any work, if ``destination`` cannot be created or replaced."""
-    parent = destination.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    """Fail early, before any work, if ``destination`` cannot be created or replaced.
+
+    Creates nothing: the nearest existing ancestor of the destination must be a writable
+    folder (the missing ones are created when the bundle is staged), and an existing
+    destination must be an engine bundle (a folder with a ``manifest.json``) or an empty
+    folder, since committing replaces it.
+    """
+    destination = Path(os.path.abspath(destination))
+    if destination.exists() or destination.is_symlink():
+        if not destination.is_dir():
+            raise OutputError(
+                f"The output path {destination} exists and is not a folder — remove it or "
+                "choose another with --out."
+            )
+        if any(destination.iterdir()) and not (destination / MANIFEST).is_file():
+            raise OutputError(
+                f"The output folder {destination} already exists, is not empty and is not an "
+                f"engine bundle (no {MANIFEST}); a compile replaces its output folder "
+                "entirely — choose a new or empty folder with --out."
+            )
+    ancestor = destination.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
         raise OutputError(
-            f"Cannot create the output folder {parent}: {exc.strerror} — choose another "
-            "location with --out."
-        ) from exc
-    if destination.exists() and not destination.is_dir():
-        raise OutputError(
-            f"The output path {destination} exists and is not a folder — remove it or choose "
-            "another with --out."
+            f"Cannot create the output folder {destination.parent}: {ancestor} is a file, not "
+            "a folder — choose another location with --out."
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(
-            f"The output folder {parent} is not writable — choose another location with --out "
-            "or fix its permissions."
+            f"Cannot create the output folder {destination.parent}: {ancestor} is not "
+            "writable — choose another location with --out or fix its permissions."
         )
 
 
@@ -73,16 +87,25 @@ class StagedBundle:
         self.destination = destination.resolve()
         self.path: Path | None = None
         self._committed = False
+        #: Folders above the destination that staging created (deepest first), removed
+        #: again when the bundle is not committed.
+        self._created: list[Path] = []
 
     def __enter__(self) -> StagedBundle:
         check_writable(self.destination)
+        missing = self.destination.parent
+        while not missing.exists() and missing != missing.parent:
+            self._created.append(missing)
+            missing = missing.parent
         try:
+            self.destination.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(
                 tempfile.mkdtemp(
                     prefix=f".{self.destination.name}.partial-", dir=self.destination.parent
                 )
             )
         except OSError as exc:
+            self.__exit__(None, None, None)  # remove the folders created above
             raise OutputError(
                 f"Cannot write in {self.destination.parent}: {exc.strerror} — choose another "
                 "location with --out."
@@ -127,6 +150,12 @@ class StagedBundle:
     ) -> None:
         if not self._committed and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+        if not self._committed:
+            for folder in self._created:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (something else wrote there) or already gone
+                    break
 
 
 @dataclass(frozen=True)
@@ -141,6 +170,12 @@ class Bundle:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
+    if not path.is_dir():
+        seen = "it does not exist" if not path.exists() else "it is a file, not a folder"
+        raise BundleError(
+            f"Cannot open engine bundle {path}: {seen} — pass the folder that "
+            "`esr-deploy compile` wrote (engines/<name>-<target> or its --out)."
+        )
     if not manifest_path.is_file():
         raise BundleError(
             f"{path} is not an engine bundle — no {MANIFEST} in it; bundles are folders "

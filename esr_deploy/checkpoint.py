@@ -642,9 +642,15 @@ def _describe_bytes(data: bytes) -> str:
 def _torch_reason(exc: Exception) -> str:
     """The informative line of a ``torch.load`` error (its weights_only text is long)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "WeightsUnpickler error" in line:
-            return line[:200]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            # torch puts the reason after the marker, on the same line or the next one; the
+            # text around it ("Please file an issue ...") is not advice for this user.
+            detail = line.split(marker, 1)[1].strip()
+            if not detail and i + 1 < len(lines):
+                detail = lines[i + 1]
+            return f"{marker} {detail}"[:200]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from esr_deploy import __version__
@@ -42,7 +43,9 @@ def _run(fn: Callable[[], T], json_output: bool = False) -> T:
     except EsrDeployError as exc:
         if json_output and exc.details is not None:
             sys.stdout.write(json.dumps(exc.details, indent=2) + "\n")
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message is plain text: escape it so that "[tolerances.fp32]" or a pip extra
+        # like "esr-deploy[tensorrt]" is printed, not taken for rich markup and dropped.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
@@ -64,9 +67,13 @@ def _parse_shape(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise EsrDeployError(f"Shape '{text}' is not HxW (e.g. 256x256).") from None
+        raise EsrDeployError(
+            f"--latency-shape '{text}' is not a shape — write it as HxW, e.g. 256x256."
+        ) from None
     if h < 1 or w < 1:
-        raise EsrDeployError(f"Shape '{text}' must have positive sides.")
+        raise EsrDeployError(
+            f"--latency-shape '{text}' has a side below 1 — give positive sides, e.g. 256x256."
+        )
     return h, w
 
 
@@ -176,7 +183,10 @@ def compile_cmd(
         from esr_deploy.progress import RichProgress
 
         if latency_runs < 1 or large_runs < 1:
-            raise EsrDeployError("--latency-runs and --large-runs must be at least 1.")
+            raise EsrDeployError(
+                f"--latency-runs {latency_runs} / --large-runs {large_runs}: a run count below "
+                "1 — give at least 1 (or --no-latency to skip timing)."
+            )
         shapes = (
             ()
             if no_latency
@@ -203,7 +213,7 @@ def compile_cmd(
         result = compile_model(
             options,
             progress=RichProgress(err),
-            on_note=lambda note: err.print(note, highlight=False),
+            on_note=lambda note: err.print(note, highlight=False, markup=False),
         )
         if json_output:
             sys.stdout.write(json.dumps(result.manifest, indent=2) + "\n")
@@ -342,7 +352,7 @@ def validate(
         if json_output:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
-            err.print(f"reference: {report['reference']}", highlight=False)
+            err.print(f"reference: {report['reference']}", highlight=False, markup=False)
             out.print(
                 _summary({**report, "name": report["name"], "target": report["target"]}, bundle)
             )

@@ -13,6 +13,7 @@ import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from esr_deploy.bundle import (
     SCHEMA_VERSION,
     StagedBundle,
     check_device,
+    check_writable,
     load_bundle,
 )
 from esr_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_weights
@@ -125,10 +127,17 @@ def load_model(source: ModelSource) -> LoadedModel:
     try:
         load_weights(model, ckpt)
     except KeyMismatchError as exc:
-        closest = describe_closest(rank_recipes(ckpt.state_dict))
+        ranking = rank_recipes(ckpt.state_dict)
+        closest = describe_closest(ranking)
+        fits = [m.recipe.name for m in ranking if m.exact and m.recipe.name != recipe.name]
+        todo = (
+            f"compile it with --recipe {fits[0]}, which loads it exactly"
+            if fits
+            else "fix the recipe's arch_args or name the recipe it was trained with"
+        )
         raise KeyMismatchError(
-            f"{exc} — The checkpoint does not fit {recipe.arch} ({how}); zoo recipes closest "
-            f"to it: {closest}."
+            f"{exc}\n  The checkpoint does not fit {recipe.arch} ({how}); zoo recipes closest "
+            f"to it: {closest} — {todo}."
         ) from exc
     notes = [f"Using {how}."]
     if ckpt.placeholders:
@@ -162,9 +171,7 @@ def measure_engine_latency(
         warm = min(warmup, 1) if large else warmup
         x = (gen.random((1, 3, h, w), dtype=np.float32) * data_range).astype(np.float32)
         with progress.task(f"latency 1x3x{h}x{w}", warm + n) as advance:
-            stats = measure_latency(
-                lambda x=x: session.run(x), warmup=warm, runs=n, on_step=advance
-            )
+            stats = measure_latency(partial(session.run, x), warmup=warm, runs=n, on_step=advance)
         results[f"1x3x{h}x{w}"] = stats.to_dict()
     return results
 
@@ -252,6 +259,8 @@ def compile_model(
     progress = progress or NullProgress()
     torch.manual_seed(0)
     target, backend = require_available(options.target)
+    if options.out is not None:
+        check_writable(options.out)
     loaded = load_model(options.source)
     for note in loaded.notes:
         log.info("%s", note)
@@ -259,6 +268,7 @@ def compile_model(
             on_note(note)
     recipe = loaded.recipe
     destination = options.out or options.engines_dir / f"{recipe.name}-{target.name}"
+    check_writable(destination)
     sets = load_sets(options.val_dirs, recipe.scale)
     tolerance = recipe.tolerance(target.precision)
 
@@ -309,9 +319,9 @@ def compile_model(
             raise ValidationError(
                 f"Validation of {recipe.name} on {target.name} failed — "
                 + "; ".join(failures)
-                + " — nothing was written to "
-                f"{destination}. Check the per-image numbers above; a recipe may set "
-                "[tolerances] only where the loss is understood.",
+                + f" — nothing was written to {destination}. Fix the checkpoint, target or "
+                f"validation set; loosen [tolerances.{target.precision}] in the recipe only "
+                "where the loss is understood (--json prints every per-image number).",
                 details=manifest,
             )
         write_report(staged.dir / REPORT, manifest)

@@ -48,7 +48,7 @@ def _tensorrt_availability() -> Availability:
         return Availability(
             False,
             "TensorRT is not installed (it needs an NVIDIA GPU; pip install "
-            "'esr-deploy[tensorrt]' on a GPU machine)",
+            "'esr-deploy[tensorrt]' on a GPU machine",
         )
     return Availability(False, "the TensorRT backend is not implemented in this version")
 

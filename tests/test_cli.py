@@ -1,0 +1,487 @@
+"""The ``esr-deploy`` command line on bad input, failed validation and the success path.
+
+Every case runs the real CLI in a subprocess (``python -m esr_deploy.cli``), in a temporary
+working directory, with real bad files written to ``tmp_path``: what is checked is what a
+user sees: the exit code (:mod:`esr_deploy.errors`: 2 bad input, 3 validation failed,
+4 target unavailable), a one-paragraph message that says what was seen and what to do, no
+traceback, and nothing left where the bundle would have gone (no bundle, no hidden
+``.bundle.partial-*`` staging folder).
+
+Two compiles of the bundled RLFN run in this file (one that fails validation, one that
+succeeds); each is shared by the tests that look at it through a module-scoped fixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from esr_deploy.paths import default_val_dir, example_checkpoint, recipes_dir
+from esr_deploy.targets import availability, get_target
+
+RLFN = example_checkpoint()
+SCALE = 4
+OUT = "out/bundle"  # --out, relative to the working directory of each run
+ZOO = ("dipnet_x4", "fmen_x4", "imdn_x4", "rfdn_x4", "rlfn_x4")
+#: Keys of the design's manifest example (``../shared/design.md``) that scripts read.
+MANIFEST_KEYS = {
+    "schema_version", "name", "target", "precision", "backend", "scale", "data_range",
+    "checkpoint", "passes", "metrics", "validation", "latency_ms", "files",
+}  # fmt: skip
+SET_KEYS = {
+    "images", "reference_psnr_y", "engine_psnr_y", "psnr_drop", "reference_ssim_y",
+    "engine_ssim_y", "parity_min_psnr", "parity_max_abs_error",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def esr_deploy(*args: object, cwd: Path, timeout: float = 300) -> Run:
+    """Run ``esr-deploy ARGS`` in ``cwd`` the way a user does, and capture what it prints."""
+    # COLUMNS: no wrapping of table rows. One torch thread: these runs check behaviour, not
+    # speed (no latency is measured), and on a busy 2-core machine two spinning OpenMP
+    # threads per process make a compile about five times slower.
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "esr_deploy.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+
+
+def assert_refused(run: Run, code: int, words: list[str], cwd: Path) -> str:
+    """A clean refusal: exit ``code``, one ``error:`` message containing ``words``, no
+    traceback, nothing on stdout and nothing where the bundle would have gone."""
+    shown = f"exit {run.code}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    assert run.code == code, shown
+    assert "Traceback" not in run.stdout + run.stderr, shown
+    assert run.stdout == "", shown
+    message = one_error(run)
+    for word in words:
+        assert word in message, f"{word!r} not in the message\n{shown}"
+    assert_nothing_written(cwd)
+    return message
+
+
+def one_error(run: Run) -> str:
+    """The ``error: ...`` message, from its line to the end of stderr; there is one."""
+    lines = run.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(starts) == 1, run.stderr
+    return "\n".join(lines[starts[0] :])
+
+
+def assert_nothing_written(cwd: Path) -> None:
+    parent = (cwd / OUT).parent
+    left = sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+    assert left == [], f"left behind in {parent}: {left}"
+    assert list(cwd.rglob("*.partial-*")) == []
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def rlfn_state_dict() -> dict[str, torch.Tensor]:
+    return dict(torch.load(RLFN, map_location="cpu", weights_only=True))
+
+
+def copy_val_set(dst: Path) -> Path:
+    """A copy of the packaged validation set (HR/ and LR_bicubic/X4/) to damage."""
+    return Path(shutil.copytree(default_val_dir(), dst))
+
+
+class _RunsShell:
+    """Pickles as ``os.system("touch MARKER")``: what a malicious checkpoint does."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch MARKER",))
+
+
+# --------------------------------------------------------------------------------------
+# Bad checkpoints (exit 2)
+# --------------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    run = esr_deploy("compile", "nowhere/model.pth", "--out", OUT, cwd=tmp_path)
+    assert_refused(run, 2, ["nowhere/model.pth", "file not found", "check the path"], tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["png", "text"])
+def test_not_a_checkpoint(tmp_path: Path, kind: str) -> None:
+    ckpt = tmp_path / "model.pth"
+    if kind == "png":
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(ckpt, format="PNG")
+        seen = "a PNG image"
+    else:
+        ckpt.write_text("these are not the weights you are looking for\n")
+        seen = "text starting with 'these are not"
+    run = esr_deploy("compile", ckpt, "--out", OUT, cwd=tmp_path)
+    message = assert_refused(
+        run, 2, [str(ckpt), "not a readable PyTorch checkpoint", seen, "torch.save"], tmp_path
+    )
+    assert "file an issue" not in message  # torch's advice to its own users, not to ours
+
+
+def test_truncated_checkpoint(tmp_path: Path) -> None:
+    data = RLFN.read_bytes()
+    ckpt = tmp_path / "half.pth"
+    ckpt.write_bytes(data[: len(data) // 2])
+    run = esr_deploy("compile", ckpt, "--out", OUT, cwd=tmp_path)
+    assert_refused(
+        run, 2, ["not a readable PyTorch checkpoint", "truncated", "copied completely"], tmp_path
+    )
+
+
+def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path: Path) -> None:
+    ckpt = tmp_path / "evil.pth"
+    torch.save({"conv.weight": torch.zeros(1), "payload": _RunsShell()}, ckpt)
+    run = esr_deploy("compile", ckpt, "--out", OUT, cwd=tmp_path)
+    global_name = f"{os.system.__module__}.system"  # posix.system on Linux
+    assert_refused(
+        run, 2, ["refusing to load", global_name, "nothing from it was", "trusted source"],
+        tmp_path,
+    )  # fmt: skip
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_keys_of_another_architecture(tmp_path: Path) -> None:
+    run = esr_deploy("compile", RLFN, "--recipe", "imdn_x4", "--out", OUT, cwd=tmp_path)
+    message = assert_refused(
+        run,
+        2,
+        [
+            "does not match the architecture",
+            "missing keys",
+            "fea_conv.weight",  # IMDN's, absent from the RLFN file
+            "unexpected keys",
+            "conv_1.weight",  # RLFN's, unknown to IMDN
+            "imdn_x4",
+            "--recipe rlfn_x4",  # the closest recipe, named as what to do
+        ],
+        tmp_path,
+    )
+    assert message.index("rlfn_x4 (100%") < message.index("imdn_x4 (")
+
+
+def test_checkpoint_no_recipe_matches(tmp_path: Path) -> None:
+    ckpt = tmp_path / "mine.pth"
+    gen = torch.Generator().manual_seed(0)
+    torch.save(
+        {"head.weight": torch.randn(8, 3, 3, 3, generator=gen), "head.bias": torch.zeros(8)},
+        ckpt,
+    )
+    run = esr_deploy("compile", ckpt, "--out", OUT, cwd=tmp_path)
+    message = assert_refused(
+        run, 2, ["No zoo recipe matches", "closest", "--recipe", "--arch"], tmp_path
+    )
+    assert sum(name in message for name in ZOO) >= 3  # the closest recipes, listed
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_weights(tmp_path: Path, bad: str) -> None:
+    state = rlfn_state_dict()
+    name = "block_2.c2_r.weight"
+    tensor = state[name].clone()
+    tensor.view(-1)[[3, 7]] = float(bad)
+    state[name] = tensor
+    ckpt = tmp_path / f"{bad}.pth"
+    torch.save(state, ckpt)
+    run = esr_deploy("compile", ckpt, "--out", OUT, cwd=tmp_path)
+    count = "2 NaN, 0 Inf" if bad == "nan" else "0 NaN, 2 Inf"
+    assert_refused(run, 2, ["not finite", f"{name} ({count}", "earlier checkpoint"], tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Targets (exit 2 unknown, 4 unavailable here)
+# --------------------------------------------------------------------------------------
+
+
+def test_unknown_target(tmp_path: Path) -> None:
+    run = esr_deploy("compile", RLFN, "--target", "foo-fp32", "--out", OUT, cwd=tmp_path)
+    assert_refused(
+        run, 2, ["Unknown target 'foo-fp32'", "ort-fp32", "trt-fp16", "esr-deploy targets"],
+        tmp_path,
+    )  # fmt: skip
+
+
+def test_unavailable_target_fails_before_any_work(tmp_path: Path) -> None:
+    status = availability(get_target("trt-fp16"))
+    if status.ok:
+        pytest.skip("trt-fp16 runs on this machine")
+    run = esr_deploy("compile", RLFN, "--target", "trt-fp16", "--out", OUT, cwd=tmp_path)
+    assert_refused(
+        run,
+        4,
+        ["'trt-fp16' cannot run on this machine", status.reason, "available here: ort-fp32"],
+        tmp_path,
+    )
+    assert run.seconds < 20, f"took {run.seconds:.1f} s: the target must be checked first"
+    assert "Using" not in run.stderr  # no recipe was resolved: the checkpoint was not read
+    # The target is checked before the checkpoint is even opened.
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"\x80\x02garbage")
+    run = esr_deploy("compile", damaged, "--target", "trt-fp16", "--out", OUT, cwd=tmp_path)
+    assert_refused(run, 4, ["cannot run on this machine"], tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Output folder (exit 2)
+# --------------------------------------------------------------------------------------
+
+
+def test_output_parent_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("a file where the output folder would go\n")
+    run = esr_deploy("compile", RLFN, "--out", OUT, cwd=tmp_path)
+    shown = run.stderr
+    assert run.code == 2, shown
+    assert "Traceback" not in run.stdout + run.stderr, shown
+    assert "is a file, not a folder" in shown and "--out" in shown, shown
+    assert (tmp_path / "out").read_text().startswith("a file")  # untouched
+    assert list(tmp_path.rglob("*.partial-*")) == []
+
+
+def test_output_folder_that_is_not_a_bundle_is_not_replaced(tmp_path: Path) -> None:
+    """A compile replaces its output folder: it must refuse a folder of the user's files."""
+    mine = tmp_path / "out" / "bundle"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine\n")
+    run = esr_deploy("compile", RLFN, "--out", OUT, cwd=tmp_path)
+    assert run.code == 2, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr, run.stderr
+    for word in ("not empty", "not an engine bundle", "--out"):
+        assert word in run.stderr, run.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert [p.name for p in mine.parent.iterdir()] == ["bundle"]
+
+
+# --------------------------------------------------------------------------------------
+# Validation sets (exit 2)
+# --------------------------------------------------------------------------------------
+
+
+def test_unreadable_validation_image(tmp_path: Path) -> None:
+    val = copy_val_set(tmp_path / "myset")
+    bad = val / "HR" / "butterfly.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # a PNG cut short
+    run = esr_deploy("compile", RLFN, "--val", val, "--out", OUT, cwd=tmp_path)
+    assert_refused(
+        run, 2, ["cannot read image", str(bad.relative_to(tmp_path)), "truncated",
+                 "200-byte file", "readable image"],
+        tmp_path,
+    )  # fmt: skip
+
+
+def test_lr_hr_size_mismatch(tmp_path: Path) -> None:
+    val = copy_val_set(tmp_path / "myset")
+    lr_path = val / "LR_bicubic" / f"X{SCALE}" / f"birdx{SCALE}.png"
+    with Image.open(lr_path) as im:
+        w, h = im.size
+        im.crop((0, 0, w - 3, h)).save(lr_path)
+    with Image.open(val / "HR" / "bird.png") as im:
+        hr_w, hr_h = (v - v % SCALE for v in im.size)
+    run = esr_deploy("compile", RLFN, "--val", val, "--out", OUT, cwd=tmp_path)
+    assert_refused(
+        run,
+        2,
+        [
+            "image bird",
+            f"birdx{SCALE}.png is {w - 3}×{h}",
+            f"HR is {hr_w}×{hr_h}",
+            "regenerate the LR",
+        ],
+        tmp_path,
+    )
+
+
+def test_missing_validation_folder(tmp_path: Path) -> None:
+    run = esr_deploy("compile", RLFN, "--val", "no/such/set", "--out", OUT, cwd=tmp_path)
+    assert_refused(run, 2, ["validation set no/such/set not found", "HR/", "LR_bicubic"], tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Validation failure (exit 3): one compile, looked at by two tests
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failed_compile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
+    """A compile whose recipe demands 1000 dB of parity: it runs to the end, then fails."""
+    cwd = tmp_path_factory.mktemp("failed")
+    recipe = cwd / "strict.toml"
+    recipe.write_text(
+        (recipes_dir() / "rlfn_x4.toml").read_text()
+        + "\n[tolerances.fp32]\nparity_min_psnr = 1000.0\n"
+    )
+    run = esr_deploy(
+        "compile", RLFN, "--recipe", recipe, "--no-latency", "--json", "--out", OUT, cwd=cwd
+    )
+    return run, cwd
+
+
+def test_validation_failure_exits_3_and_writes_nothing(failed_compile: tuple[Run, Path]) -> None:
+    run, cwd = failed_compile
+    shown = f"exit {run.code}\nstderr:\n{run.stderr}"
+    assert run.code == 3, shown
+    assert "Traceback" not in run.stdout + run.stderr, shown
+    message = one_error(run)
+    per_image = json.loads(run.stdout)["validation"]["set5_crops"]["per_image"]
+    assert {i["name"] for i in per_image} == {"bird", "butterfly", "head"}
+    for image in per_image:  # which image, which metric, measured, required
+        expected = (
+            f"set5_crops/{image['name']}: parity PSNR {image['parity_psnr']:.2f} dB < "
+            "required 1000.00 dB"
+        )
+        assert expected in message, shown
+    assert "nothing was written" in message and "[tolerances.fp32]" in message, shown
+    assert_nothing_written(cwd)
+    assert not (cwd / "out").exists()  # the folders staging created are gone too
+
+
+def test_validation_failure_json_is_the_failing_manifest(
+    failed_compile: tuple[Run, Path],
+) -> None:
+    run, _ = failed_compile
+    manifest = json.loads(run.stdout)  # all of stdout is one JSON document
+    assert run.stdout.startswith("{") and run.stdout.rstrip().endswith("}")
+    assert MANIFEST_KEYS - {"files"} <= set(manifest)
+    assert len(manifest["failures"]) == 3
+    assert all("parity PSNR" in f and "1000.00" in f for f in manifest["failures"])
+    assert manifest["validation"]["set5_crops"]["passed"] is False
+
+
+# --------------------------------------------------------------------------------------
+# Success path, validate, inspect
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
+    cwd = tmp_path_factory.mktemp("ok")
+    run = esr_deploy("compile", RLFN, "--no-latency", "--json", "--out", OUT, cwd=cwd)
+    assert run.code == 0, run.stderr
+    return run, cwd / OUT
+
+
+def test_compile_json_manifest_matches_the_bundle(compiled: tuple[Run, Path]) -> None:
+    run, bundle = compiled
+    assert "Traceback" not in run.stdout + run.stderr
+    manifest = json.loads(run.stdout)
+    assert MANIFEST_KEYS <= set(manifest)
+    assert manifest["schema_version"] == 1
+    assert (manifest["name"], manifest["target"]) == ("rlfn_x4", "ort-fp32")
+    assert (manifest["precision"], manifest["backend"]) == ("fp32", "onnxruntime")
+    assert (manifest["scale"], manifest["data_range"]) == (4, 255.0)
+    assert manifest["checkpoint"]["sha256"] == sha256(RLFN)
+    assert isinstance(manifest["passes"], list)
+    assert {"params", "flops_256", "activations_256", "convs"} <= set(manifest["metrics"])
+    assert manifest["latency_ms"] == {}  # --no-latency
+    results = manifest["validation"]["set5_crops"]
+    assert SET_KEYS <= set(results)
+    assert results["parity_min_psnr"] >= 60.0
+    assert "failures" not in manifest
+    # The manifest printed is the one written, and its checksums are the files on disk.
+    assert json.loads((bundle / "manifest.json").read_text()) == manifest
+    on_disk = {
+        str(p.relative_to(bundle)): sha256(p)
+        for p in bundle.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
+    assert manifest["files"] == on_disk
+    assert manifest["engine"]["file"] in on_disk
+    assert [p.name for p in bundle.parent.iterdir()] == ["bundle"]  # no staging left
+
+
+def test_validate_inspect_on_the_bundle(compiled: tuple[Run, Path]) -> None:
+    _, bundle = compiled
+    run = esr_deploy("validate", bundle, cwd=bundle.parent)
+    assert run.code == 0, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    assert "rlfn_x4" in run.stdout and "set5_crops" in run.stdout
+    run = esr_deploy("inspect", bundle, "--json", cwd=bundle.parent)
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout)["files_verified"] == 3
+
+
+def test_inspect_checkpoint(tmp_path: Path) -> None:
+    run = esr_deploy("inspect", RLFN, "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    info = json.loads(run.stdout)
+    assert (info["recipe"], info["scale"], info["sha256"]) == ("rlfn_x4", 4, sha256(RLFN))
+
+
+def test_validate_refuses_a_modified_engine(compiled: tuple[Run, Path], tmp_path: Path) -> None:
+    _, bundle = compiled
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    engine = copy / json.loads((copy / "manifest.json").read_text())["engine"]["file"]
+    with engine.open("ab") as fh:
+        fh.write(b"\0")
+    run = esr_deploy("validate", copy, cwd=tmp_path)
+    assert run.code == 2, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    for word in (str(engine), "does not match its manifest", "recompile"):
+        assert word in run.stderr, run.stderr
+
+
+def test_validate_a_missing_bundle(tmp_path: Path) -> None:
+    run = esr_deploy("validate", "engines/nothing-here", cwd=tmp_path)
+    assert run.code == 2, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    for word in ("engines/nothing-here", "does not exist", "esr-deploy compile"):
+        assert word in one_error(run), run.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Listing commands
+# --------------------------------------------------------------------------------------
+
+
+def test_targets_says_what_runs_here_and_why_not(tmp_path: Path) -> None:
+    run = esr_deploy("targets", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    cells = [line.replace("│", " ").split() for line in run.stdout.splitlines()]
+    rows = {c[0]: " ".join(c) for c in cells if c and c[0] in ("ort-fp32", "trt-fp16")}
+    assert rows["ort-fp32"].split()[1] == "yes"
+    trt = availability(get_target("trt-fp16"))
+    if not trt.ok:
+        assert rows["trt-fp16"].split()[1] == "no"
+        assert trt.reason in rows["trt-fp16"]
+
+
+def test_recipes_lists_the_zoo(tmp_path: Path) -> None:
+    run = esr_deploy("recipes", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    for name in ZOO:
+        assert name in run.stdout
+
+
+def test_help(tmp_path: Path) -> None:
+    run = esr_deploy("--help", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    for command in ("compile", "validate", "inspect", "targets", "recipes"):
+        assert command in run.stdout

@@ -256,7 +256,9 @@ def targets(
         table.add_column(col)
     for t, a in rows:
         table.add_row(
-            t.name, "[green]yes[/]" if a.ok else "[red]no[/]", t.description if a.ok else a.reason
+            t.name,
+            "[green]yes[/]" if a.ok else "[red]no[/]",
+            escape(t.description if a.ok else a.reason),
         )
     out.print(table)
 

@@ -8,7 +8,6 @@ imported here, lazily, and nowhere else.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 
 from esr_deploy.backends.base import Availability, Backend
@@ -44,12 +43,22 @@ def get_target(name: str) -> Target:
 
 
 def _tensorrt_availability() -> Availability:
-    if importlib.util.find_spec("tensorrt") is None:
+    """TensorRT needs the real library (not only ``tensorrt-stubs``) and a CUDA GPU."""
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        trt = None
+    if trt is None or not hasattr(trt, "Builder"):
+        seen = "only its type stubs are installed" if trt is not None else "it is not installed"
         return Availability(
             False,
-            "TensorRT is not installed (it needs an NVIDIA GPU; pip install "
-            "'esr-deploy[tensorrt]' on a GPU machine",
+            f"TensorRT cannot be used: {seen} (TensorRT needs an NVIDIA GPU; pip install "
+            "'esr-deploy[tensorrt]' on a GPU machine)",
         )
+    import torch
+
+    if not torch.cuda.is_available():
+        return Availability(False, "no CUDA GPU is visible to PyTorch on this machine")
     return Availability(False, "the TensorRT backend is not implemented in this version")
 
 

@@ -149,7 +149,8 @@ def import_arch(spec: str) -> type:
             "write it e.g. as my_models.net:MyNet."
         )
     cwd = os.getcwd()
-    if cwd not in sys.path:
+    added = cwd not in sys.path
+    if added:  # only for this import: the rest of the process keeps its own sys.path
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
@@ -158,6 +159,9 @@ def import_arch(spec: str) -> type:
             f"Could not import module '{module_name}' for architecture '{spec}': {exc} — "
             "run from the folder that contains it or add that folder to PYTHONPATH."
         ) from exc
+    finally:
+        if added:
+            sys.path.remove(cwd)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -66,8 +66,10 @@ def test_no_match_lists_closest_recipes(weights_dir) -> None:
 
 
 def test_recipe_file_tolerance_override(tmp_path) -> None:
-    text = (find_recipe("rlfn_x4").source.read_text()  # type: ignore[union-attr]
-            + "\n[tolerances.fp32]\nparity_min_psnr = 70.0\n")
+    text = (
+        find_recipe("rlfn_x4").source.read_text()  # type: ignore[union-attr]
+        + "\n[tolerances.fp32]\nparity_min_psnr = 70.0\n"
+    )
     path = tmp_path / "strict.toml"
     path.write_text(text)
     recipe = find_recipe(str(path))

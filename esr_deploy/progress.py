@@ -41,6 +41,7 @@ class RichProgress(Progress):
             TimeElapsedColumn(),
             console=self._console,
             transient=True,
+            disable=not self._console.is_terminal,  # no bars (nor blank lines) in logs
         ) as bar:
             task_id = bar.add_task(description, total=total)
             yield lambda: bar.advance(task_id)

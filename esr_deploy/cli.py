@@ -77,6 +77,14 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _parse_passes(text: str | None) -> tuple[str, ...] | None:
+    """``--passes a,b`` → ("a", "b"); "none" → (); not given → None (the defaults)."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return () if names in ((), ("none",)) else names
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"esr-deploy {__version__}")
@@ -165,6 +173,21 @@ def compile_cmd(
         int, typer.Option(help="Timed runs at shapes above 512x512 LR (after one warm-up).")
     ] = 2,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip latency.")] = False,
+    passes: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated graph passes to run, or 'none' (default: fold-reparam,fold-bn,"
+            "fold-identity,merge-linear-chains)."
+        ),
+    ] = None,
+    accept_border_drift: Annotated[
+        bool,
+        typer.Option(
+            "--accept-border-drift",
+            help="Fold regions that are exact only away from the image "
+            "border (zero padding where the training form pads with a bias).",
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
     ] = False,
@@ -209,6 +232,8 @@ def compile_cmd(
             latency_shapes=shapes,
             latency_runs=latency_runs,
             large_runs=large_runs,
+            passes=_parse_passes(passes),
+            accept_border_drift=accept_border_drift,
         )
         result = compile_model(
             options,

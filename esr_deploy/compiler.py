@@ -8,6 +8,7 @@ into place only after every validation check passed (:mod:`esr_deploy.bundle`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 from collections.abc import Callable, Sequence
@@ -35,7 +36,16 @@ from esr_deploy.bundle import (
 from esr_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_weights
 from esr_deploy.data import ValidationSet, load_validation_set
 from esr_deploy.errors import BundleError, KeyMismatchError, ValidationError
-from esr_deploy.export import INPUT_NAME, OUTPUT_NAME, ExportResult, export_onnx
+from esr_deploy.export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportResult,
+    InputRange,
+    derive_input_range,
+    export_onnx,
+)
+from esr_deploy.passes import DEFAULT_PASSES, build_passes
+from esr_deploy.passes.base import PassContext, PassManager, PassResult
 from esr_deploy.paths import default_val_dir
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import (
@@ -52,7 +62,7 @@ from esr_deploy.recipe import (
 from esr_deploy.targets import Target, require_available
 from esr_deploy.validate.latency import measure_latency
 from esr_deploy.validate.metrics import model_metrics
-from esr_deploy.validate.parity import ReferenceRun, SetResult, evaluate_set
+from esr_deploy.validate.parity import ReferenceRun, SetResult, evaluate_set, model_input
 from esr_deploy.validate.report import write_report
 
 log = logging.getLogger(__name__)
@@ -91,6 +101,8 @@ class CompileOptions:
     latency_runs: int = DEFAULT_LATENCY_RUNS
     latency_warmup: int = 2
     large_runs: int = LARGE_SHAPE_RUNS
+    passes: tuple[str, ...] | None = None  # None: DEFAULT_PASSES
+    accept_border_drift: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,47 @@ def _usable_shapes(shapes: Sequence[HW], export: ExportResult) -> list[HW]:
     return usable
 
 
+def verification_inputs(
+    recipe: Recipe, input_range: InputRange, sets: Sequence[ValidationSet]
+) -> list[torch.Tensor]:
+    """Fixed inputs the pass manager compares models on: odd-sized random tensors (seeded),
+    the smallest accepted size, and a real LR image (a crop of the first validation image)."""
+    gen = torch.Generator().manual_seed(0)
+    min_h, min_w = input_range.min_hw
+    sizes = [(max(min_h, 37), max(min_w, 53)), (min_h, min_w)]
+    inputs = [torch.rand(1, 3, h, w, generator=gen) * recipe.data_range for h, w in sizes]
+    for vset in sets[:1]:
+        for pair in vset.pairs[:1]:
+            lr = pair.lr[:64, :64]
+            if lr.shape[0] >= min_h and lr.shape[1] >= min_w:
+                inputs.append(model_input(np.ascontiguousarray(lr), recipe))
+    return inputs
+
+
+def run_passes(
+    model: nn.Module,
+    recipe: Recipe,
+    input_range: InputRange,
+    sets: Sequence[ValidationSet],
+    names: Sequence[str] | None,
+    accept_border_drift: bool,
+) -> tuple[nn.Module, list[PassResult]]:
+    """The deploy form of ``model`` (a copy; the training form is kept as the reference)."""
+    names = DEFAULT_PASSES if names is None else tuple(names)
+    if not names:
+        return model, []
+    min_h, min_w = input_range.min_hw
+    context = PassContext(
+        data_range=recipe.data_range,
+        sample_hw=(max(min_h, 32), max(min_w, 32)),
+        accept_border_drift=accept_border_drift,
+    )
+    manager = PassManager(
+        build_passes(names), context, verification_inputs(recipe, input_range, sets)
+    )
+    return manager.run(copy.deepcopy(model))
+
+
 def build_manifest(
     loaded: LoadedModel,
     target: Target,
@@ -196,6 +249,7 @@ def build_manifest(
     sets: Sequence[SetResult],
     latency: dict[str, Any],
     metrics: dict[str, Any],
+    passes: Sequence[PassResult] = (),
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     profile = recipe.profile.to_dict()
@@ -232,7 +286,7 @@ def build_manifest(
         "engine": engine_info,
         "reference_onnx": REFERENCE_ONNX,
         "export": export.to_dict(),
-        "passes": [],
+        "passes": [p.to_dict() for p in passes],
         "metrics": metrics,
         "validation": {s.name: s.to_dict() for s in sets},
         "latency_ms": latency,
@@ -272,13 +326,18 @@ def compile_model(
     sets = load_sets(options.val_dirs, recipe.scale)
     tolerance = recipe.tolerance(target.precision)
 
+    input_range = derive_input_range(loaded.model, recipe.scale)
+    deploy, pass_results = run_passes(
+        loaded.model, recipe, input_range, sets, options.passes, options.accept_border_drift
+    )
     with StagedBundle(destination) as staged:
         export = export_onnx(
-            loaded.model,
+            deploy,
             staged.dir / REFERENCE_ONNX,
             recipe.scale,
             recipe.data_range,
             max_hw=recipe.profile.max,
+            input_range=input_range,
         )
         built = backend.build(export.path, staged.dir, target.precision)
         engine_info = {
@@ -301,7 +360,8 @@ def compile_model(
             progress,
             options.large_runs,
         )
-        mm = model_metrics(loaded.model, input_hw=(256, 256))
+        mm = model_metrics(deploy, input_hw=(256, 256))
+        trained = model_metrics(loaded.model, input_hw=(256, 256)) if pass_results else mm
         metrics = {
             "params": mm.params,
             "flops_256": mm.flops,
@@ -309,9 +369,22 @@ def compile_model(
             "convs": mm.convs,
             "onnx_convs": export.stats.convs,
             "onnx_params": export.stats.params,
+            "training_form": {
+                "params": trained.params,
+                "flops_256": trained.flops,
+                "convs": trained.convs,
+            },
         }
         manifest = build_manifest(
-            loaded, target, backend, export, engine_info, results, latency, metrics
+            loaded,
+            target,
+            backend,
+            export,
+            engine_info,
+            results,
+            latency,
+            metrics,
+            pass_results,
         )
         failures = [f for r in results for f in r.failures()]
         if failures:

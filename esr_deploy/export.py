@@ -266,10 +266,14 @@ def export_onnx(
     max_hw: Sequence[int] = (1080, 1920),
     opset: int = DEFAULT_OPSET,
     simplify: bool = True,
+    input_range: InputRange | None = None,
 ) -> ExportResult:
-    """Export ``model`` (eval mode, float32) to ``path``; see the module docstring."""
+    """Export ``model`` (eval mode, float32) to ``path``; see the module docstring.
+
+    ``input_range``: the smallest accepted input, when the caller already probed it.
+    """
     model = model.eval()
-    input_range = derive_input_range(model, scale)
+    input_range = input_range or derive_input_range(model, scale)
     min_hw = input_range.min_hw
     sample_hw = (max(min_hw[0], 64), max(min_hw[1], 64))
     sample = torch.rand(1, _CHANNELS, *sample_hw, generator=torch.Generator().manual_seed(_SEED))

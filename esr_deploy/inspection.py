@@ -6,15 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from esr_deploy.bundle import load_bundle
-from esr_deploy.compiler import ModelSource, load_model
+from esr_deploy.compiler import ModelSource, load_model, load_sets, run_passes
 from esr_deploy.export import derive_input_range
 from esr_deploy.validate.metrics import model_metrics
 
 
 def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
+    """What the checkpoint holds and what each default pass would do (on a copy)."""
     loaded = load_model(source)
     m = model_metrics(loaded.model, input_hw=(256, 256))
     rng = derive_input_range(loaded.model, loaded.recipe.scale)
+    _, plan = run_passes(
+        loaded.model,
+        loaded.recipe,
+        rng,
+        load_sets((), loaded.recipe.scale),
+        None,
+        accept_border_drift=False,
+    )
     return {
         "checkpoint": str(loaded.checkpoint.path),
         "sha256": loaded.checkpoint.sha256,
@@ -31,7 +40,16 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
         "activations_256": m.activations,
         "convs": m.convs,
         "min_input_hw": list(rng.min_hw),
-        "passes": "no graph passes are implemented in this version",
+        "passes": [
+            {
+                "name": p.name,
+                "would_modify": p.modified,
+                "convs": f"{p.convs_before} -> {p.convs_after}",
+                "params": f"{p.params_before} -> {p.params_after}",
+                "details": list(p.details),
+            }
+            for p in plan
+        ],
     }
 
 

@@ -1,0 +1,188 @@
+"""Passes, their results, and the manager that verifies each pass against its input.
+
+A pass transforms a model (``nn.Module`` or ``fx.GraphModule``) into an equivalent one and
+says what it changed. The :class:`PassManager` runs the model before and after every pass on
+fixed inputs (seeded random tensors of odd sizes and real LR crops, borders included) and
+rejects a pass whose outputs differ by more than its tolerance, relative to the model's
+output range: ``max |after - before| / data_range <= tolerance`` (exact algebraic passes:
+1e-5, design.md). A rejected or crashed pass raises :class:`PassError` naming the pass and the
+passes before it; every accepted pass is recorded in the manifest with its counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from esr_deploy.errors import EsrDeployError, PassError
+from esr_deploy.validate.metrics import model_metrics
+
+log = logging.getLogger(__name__)
+
+#: Tolerance of exact algebraic passes: max abs error relative to the output range.
+EXACT_PASS_TOLERANCE = 1e-5
+#: Input size at which pass results count FLOPs (the NTIRE 256×256 LR).
+METRICS_HW = (256, 256)
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What passes may need to know about the model and the user's choices."""
+
+    data_range: float
+    sample_hw: tuple[int, int] = (64, 64)
+    accept_border_drift: bool = False
+
+    def sample(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        return torch.rand(1, 3, *self.sample_hw, generator=gen) * self.data_range
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """What a pass reports about itself (the manager adds counts and the measured error)."""
+
+    model: nn.Module
+    modified: bool
+    details: tuple[str, ...] = ()
+    border_drift: float = 0.0  # largest accepted relative border error (0: exact)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    name: str
+    modified: bool
+    convs_before: int
+    convs_after: int
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    max_abs_error: float  # relative to data_range, on the verification inputs
+    border_drift: float = 0.0
+    details: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "modified": self.modified,
+            "convs_before": self.convs_before,
+            "convs_after": self.convs_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "max_abs_error": self.max_abs_error,
+            "border_drift": self.border_drift,
+            "details": list(self.details),
+        }
+
+
+class Pass(ABC):
+    """One transformation. Subclasses set ``name`` (the CLI id) and implement ``run``."""
+
+    name: ClassVar[str]
+    #: True when ``run`` changes the model it is given (the manager then passes a copy).
+    in_place: ClassVar[bool] = True
+    tolerance: ClassVar[float] = EXACT_PASS_TOLERANCE
+
+    @abstractmethod
+    def run(self, model: nn.Module, context: PassContext) -> PassOutcome: ...
+
+
+@dataclass(frozen=True)
+class _Counts:
+    convs: int
+    params: int
+    flops: int
+
+
+def _counts(model: nn.Module) -> _Counts:
+    m = model_metrics(model, input_hw=METRICS_HW)
+    return _Counts(convs=m.convs, params=m.params, flops=m.flops)
+
+
+def _outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(x) for x in inputs]
+
+
+class PassManager:
+    """Runs passes in order, verifying each one (module docstring)."""
+
+    def __init__(
+        self, passes: Sequence[Pass], context: PassContext, inputs: Sequence[torch.Tensor]
+    ) -> None:
+        self.passes = list(passes)
+        self.context = context
+        self.inputs = list(inputs)
+
+    def run(self, model: nn.Module) -> tuple[nn.Module, list[PassResult]]:
+        results: list[PassResult] = []
+        model = model.eval()
+        reference = _outputs(model, self.inputs)
+        counts = _counts(model)
+        for p in self.passes:
+            done = [r.name for r in results]
+            before = ", ".join(done) or "none"
+            candidate = copy.deepcopy(model) if p.in_place else model
+            try:
+                outcome = p.run(candidate, self.context)
+            except EsrDeployError:
+                raise
+            except Exception as exc:  # a pass bug must name the pass, not crash the CLI
+                raise PassError(
+                    f"Pass '{p.name}' failed (passes before it: {before}): "
+                    f"{type(exc).__name__}: {exc} — skip it with --passes, and please report "
+                    "the model."
+                ) from exc
+            new = outcome.model.eval()
+            error = 0.0
+            after = reference
+            if outcome.modified:
+                after = _outputs(new, self.inputs)
+                error = (
+                    max(float((a - b).abs().max()) for a, b in zip(after, reference, strict=True))
+                    / self.context.data_range
+                )
+                # accepted border drift is recorded, not rejected: the user asked for it
+                if error > p.tolerance and not outcome.border_drift:
+                    raise PassError(
+                        f"Pass '{p.name}' changed the model's output by {error:.3g} × the "
+                        f"output range (allowed {p.tolerance:.3g}; passes before it: {before}) "
+                        "— the pass was rejected; skip it with --passes and report the model."
+                    )
+            new_counts = _counts(new) if outcome.modified else counts
+            results.append(
+                PassResult(
+                    name=p.name,
+                    modified=outcome.modified,
+                    convs_before=counts.convs,
+                    convs_after=new_counts.convs,
+                    params_before=counts.params,
+                    params_after=new_counts.params,
+                    flops_before=counts.flops,
+                    flops_after=new_counts.flops,
+                    max_abs_error=error,
+                    border_drift=outcome.border_drift,
+                    details=outcome.details,
+                )
+            )
+            log.info(
+                "pass %s: modified=%s convs %d -> %d, error %.3g",
+                p.name,
+                outcome.modified,
+                counts.convs,
+                new_counts.convs,
+                error,
+            )
+            model, counts, reference = new, new_counts, after
+        return model, results

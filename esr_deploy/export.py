@@ -150,13 +150,26 @@ def derive_input_range(model: nn.Module, scale: int) -> InputRange:
     return InputRange(min_hw=(mins[0], mins[1]), failing_above_min=tuple(failing))
 
 
+#: ONNX element types that hold weights (int64 shape constants are not parameters).
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
 def graph_stats(model: onnx.ModelProto) -> GraphStats:
+    """Node, conv and parameter counts; parameters are the floating-point initializers and
+    Constant-node tensors (weights folded into constants count too)."""
     ops = Counter(n.op_type for n in model.graph.node)
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    for node in model.graph.node:  # weights folded into Constant nodes count too
+    params = sum(
+        int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES
+    )
+    for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
+                if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
                     params += int(np.prod(attr.t.dims))
     return GraphStats(
         nodes=len(model.graph.node),

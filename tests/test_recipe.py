@@ -18,7 +18,8 @@ from esr_deploy.recipe import (
     zoo_recipes,
 )
 
-ZOO = {"imdn_x4", "rfdn_x4", "rlfn_x4", "fmen_x4", "dipnet_x4"}
+OFFICIAL = {"imdn_x4", "rfdn_x4", "rlfn_x4", "fmen_x4", "dipnet_x4"}
+TRAINING_FORMS = {"ecbsr_m4c16_x4", "fmen_train_x4", "rlfn_rep_x4", "repvgg_sr_x4", "dbb_sr_x4"}
 CHECKPOINT_RECIPE = {
     "imdn_x4.pth": "imdn_x4",
     "rlfn_x4.pth": "rlfn_x4",
@@ -41,9 +42,9 @@ class Doubler(nn.Module):
         return self.shuffle(self.conv(x))
 
 
-def test_zoo_lists_the_five_recipes() -> None:
+def test_zoo_lists_official_and_training_form_recipes() -> None:
     recipes = zoo_recipes()
-    assert {r.name for r in recipes} == ZOO
+    assert {r.name for r in recipes} == OFFICIAL | TRAINING_FORMS
     for r in recipes:
         assert r.scale == 4 and r.data_range in (1.0, 255.0)
         assert r.profile.opt == (256, 256)
@@ -98,7 +99,7 @@ def test_bad_recipe_files(tmp_path, text, message) -> None:
 
 
 def test_unknown_recipe_name_lists_the_zoo() -> None:
-    with pytest.raises(RecipeError, match="the zoo has: dipnet_x4, fmen_x4"):
+    with pytest.raises(RecipeError, match="the zoo has: dbb_sr_x4, dipnet_x4"):
         find_recipe("edsr_x4")
 
 

@@ -56,11 +56,12 @@ class FoldBatchNorm(RegionFoldingPass):
             if consumer is not None and is_conv(gm, consumer):
                 options.append({node, *padding, consumer})
             options.append({node})
+            # in order of preference; the driver folds the first that is exact (or accepted)
+            # and skips the others, which overlap it
             for nodes in options:
                 region = region_from_nodes(analysis, nodes)
                 if region is not None:
                     groups.append([region])
-                    break
         return groups
 
     def worth_folding(self, gm: fx.GraphModule, analysis: Analysis, folds: Sequence[Fold]) -> bool:

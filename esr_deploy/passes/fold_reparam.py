@@ -14,9 +14,11 @@ replaced by the conv ``W * zero_pad(x) + b`` of its response (module docstring t
   more expensive 5×5 and is left to the narrower passes), and
 - it is exact at the border, or ``--accept-border-drift`` was given.
 
-Where a maximal region is rejected, the regions below its fan-out points (an affine node
-read by several ops, e.g. a head conv feeding the branches of the first block) are tried
-instead: the branches then fold exactly even when folding the head into them would not.
+Where a maximal region is rejected, smaller ones are tried: first the blocks of a chain, cut
+at residual joins that the next block reads (two RRRBs in a row would fold into a 5×5 that
+drifts at the border; each RRRB alone folds exactly), then the regions below every fan-out
+point (e.g. a head conv feeding the branches of the first block: the branches fold exactly
+even when folding the head into them would not).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from esr_deploy.passes.linear_region import (
     Fold,
     Region,
     RegionFoldingPass,
+    block_boundaries,
     branch_points,
     conv_cost,
     is_batchnorm,
@@ -44,8 +47,13 @@ class FoldReparam(RegionFoldingPass):
     prefix = "reparam"
 
     def candidates(self, analysis: Analysis) -> list[list[Region]]:
-        # maximal regions first; where one is rejected, the regions below its fan-out points
-        return maximal_regions(analysis) + maximal_regions(analysis, branch_points(analysis))
+        # maximal regions first; where one is rejected, the blocks of a chain (cut at residual
+        # joins that the next block reads), then the regions below every fan-out point
+        return (
+            maximal_regions(analysis)
+            + maximal_regions(analysis, block_boundaries(analysis))
+            + maximal_regions(analysis, branch_points(analysis))
+        )
 
     def worth_folding(self, gm: fx.GraphModule, analysis: Analysis, folds: Sequence[Fold]) -> bool:
         nodes = {n for f in folds for n in f.region.compute_nodes}

@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench zoo lint clean
+.PHONY: install demo test test-gpu bench zoo reparam lint clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ bench: install
 
 zoo: install
 	$(BIN)/python bench/zoo.py
+
+reparam: install
+	$(BIN)/python bench/reparam.py
 
 lint: install
 	$(BIN)/ruff check esr_deploy tests bench

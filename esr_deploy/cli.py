@@ -85,6 +85,20 @@ def _parse_passes(text: str | None) -> tuple[str, ...] | None:
     return () if names in ((), ("none",)) else names
 
 
+def _cell(key: str, value: Any) -> str:
+    """One inspect value as text: pass plans one line per pass, the rest as JSON."""
+    if isinstance(value, str):
+        return value
+    if key == "passes" and isinstance(value, list):
+        lines = []
+        for p in value:
+            verb = "would fold" if p["would_modify"] else "nothing to do"
+            lines.append(f"{p['name']}: {verb}; convs {p['convs']}, params {p['params']}")
+            lines += [f"  {d}" for d in p["details"]]
+        return "\n".join(lines)
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"esr-deploy {__version__}")
@@ -343,7 +357,7 @@ def inspect(
         table.add_column("key")
         table.add_column("value")
         for key, value in info.items():
-            table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+            table.add_row(key, escape(_cell(key, value)))
         out.print(table)
 
     _run(body, json_output)

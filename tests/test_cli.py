@@ -488,3 +488,18 @@ def test_help(tmp_path: Path) -> None:
     assert run.code == 0, run.stderr
     for command in ("compile", "validate", "inspect", "targets", "recipes"):
         assert command in run.stdout
+
+
+def test_unknown_pass_is_refused_before_any_work(tmp_path: Path) -> None:
+    run = esr_deploy(
+        "compile", RLFN, "--passes", "fold-reparam,fold-everything", "--out", OUT, cwd=tmp_path
+    )
+    assert_refused(run, 2, ["Unknown pass", "fold-everything", "fold-bn", "none"], tmp_path)
+
+
+def test_passes_none_records_no_pass(tmp_path: Path) -> None:
+    run = esr_deploy(
+        "compile", RLFN, "--passes", "none", "--no-latency", "--json", "--out", OUT, cwd=tmp_path
+    )
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout)["passes"] == []

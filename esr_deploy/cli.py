@@ -194,6 +194,17 @@ def compile_cmd(
             "fold-identity,merge-linear-chains)."
         ),
     ] = None,
+    prune_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Lossy pruning: remove this fraction of the channels of every prunable group "
+            "(lowest L1 first); the cost is reported in the manifest."
+        ),
+    ] = None,
+    prune_to: Annotated[
+        int | None,
+        typer.Option(help="Lossy pruning: keep this many channels in every prunable group."),
+    ] = None,
     accept_border_drift: Annotated[
         bool,
         typer.Option(
@@ -248,6 +259,8 @@ def compile_cmd(
             large_runs=large_runs,
             passes=_parse_passes(passes),
             accept_border_drift=accept_border_drift,
+            prune_ratio=prune_ratio,
+            prune_to=prune_to,
         )
         result = compile_model(
             options,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import platform
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,6 +78,8 @@ DEFAULT_LATENCY_RUNS = 10
 #: warm-up apply in full to the smaller shapes. More runs at large shapes: --large-runs.
 LARGE_SHAPE_PIXELS = 512 * 512
 LARGE_SHAPE_RUNS = 2
+#: Interleaved runs of the unpruned and the pruned engine for the lossy-pruning report.
+PRUNE_LATENCY_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,12 @@ class CompileOptions:
     large_runs: int = LARGE_SHAPE_RUNS
     passes: tuple[str, ...] | None = None  # None: DEFAULT_PASSES
     accept_border_drift: bool = False
+    prune_ratio: float | None = None  # lossy prune-channels: fraction removed per group
+    prune_to: int | None = None  # lossy prune-channels: channels kept per group
+
+    @property
+    def lossy_pruning(self) -> bool:
+        return self.prune_ratio is not None or self.prune_to is not None
 
 
 @dataclass(frozen=True)
@@ -223,6 +233,8 @@ def run_passes(
     sets: Sequence[ValidationSet],
     names: Sequence[str] | None,
     accept_border_drift: bool,
+    prune_ratio: float | None = None,
+    prune_to: int | None = None,
 ) -> tuple[nn.Module, list[PassResult]]:
     """The deploy form of ``model`` (a copy; the training form is kept as the reference)."""
     names = DEFAULT_PASSES if names is None else tuple(names)
@@ -235,9 +247,117 @@ def run_passes(
         accept_border_drift=accept_border_drift,
     )
     manager = PassManager(
-        build_passes(names), context, verification_inputs(recipe, input_range, sets)
+        build_passes(names, prune_ratio, prune_to),
+        context,
+        verification_inputs(recipe, input_range, sets),
     )
     return manager.run(copy.deepcopy(model))
+
+
+@dataclass(frozen=True)
+class DeployModels:
+    """The deploy form, and for lossy pruning the same before pruning (for its report)."""
+
+    model: nn.Module
+    passes: list[PassResult]
+    unpruned: nn.Module | None = None
+
+
+def deploy_form(
+    loaded: LoadedModel,
+    options: CompileOptions,
+    input_range: InputRange,
+    sets: Sequence[ValidationSet],
+) -> DeployModels:
+    """Run the passes; lossy pruning runs alone after the others so its cost can be shown."""
+    names = DEFAULT_PASSES if options.passes is None else tuple(options.passes)
+    args = (loaded.recipe, input_range, sets)
+    if not options.lossy_pruning:
+        model, results = run_passes(loaded.model, *args, names, options.accept_border_drift)
+        return DeployModels(model, results)
+    if "prune-channels" not in names:
+        build_passes(names, options.prune_ratio, options.prune_to)  # raises the clear error
+    others = [n for n in names if n != "prune-channels"]
+    unpruned, results = run_passes(loaded.model, *args, others, options.accept_border_drift)
+    pruned, prune = run_passes(
+        unpruned,
+        *args,
+        ("prune-channels",),
+        options.accept_border_drift,
+        options.prune_ratio,
+        options.prune_to,
+    )
+    return DeployModels(pruned, results + prune, unpruned)
+
+
+def pruning_report(
+    deploy: DeployModels,
+    options: CompileOptions,
+    results: Sequence[SetResult],
+    backend: Backend,
+    recipe: Recipe,
+    input_range: InputRange,
+    shapes: Sequence[HW],
+) -> dict[str, Any] | None:
+    """What pruning removed and, for lossy pruning, what it cost (params, FLOPs, latency,
+    PSNR-Y against the unpruned model), measured side by side."""
+    prune = next((p for p in deploy.passes if p.name == "prune-channels"), None)
+    if prune is None:
+        return None
+    report: dict[str, Any] = {
+        "mode": prune.extra.get("mode", "exact"),
+        "removed_channels": prune.extra.get("removed", {}),
+        "params_before": prune.params_before,
+        "params_after": prune.params_after,
+        "flops_256_before": prune.flops_before,
+        "flops_256_after": prune.flops_after,
+    }
+    if deploy.unpruned is None:
+        return report
+    h, w = shapes[0] if shapes else (256, 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = [
+            _engine(model, Path(tmp) / label, backend, recipe, input_range)
+            for label, model in (("unpruned", deploy.unpruned), ("pruned", deploy.model))
+        ]
+        x = (
+            np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32) * recipe.data_range
+        ).astype(np.float32)
+        before, after = [], []
+        for _ in range(PRUNE_LATENCY_RUNS + 1):  # the first pair is the warm-up
+            before.append(_time_ms(partial(sessions[0].run, x)))
+            after.append(_time_ms(partial(sessions[1].run, x)))
+    b, a = float(np.median(before[1:])), float(np.median(after[1:]))
+    report.update(
+        {
+            "ratio": options.prune_ratio,
+            "prune_to": options.prune_to,
+            "latency_shape": f"1x3x{h}x{w}",
+            "latency_ms_before": b,
+            "latency_ms_after": a,
+            "latency_ratio_before_over_after": b / a,
+            "psnr_drop": {r.name: round(r.psnr_drop, 4) for r in results},
+        }
+    )
+    return report
+
+
+def _engine(
+    model: nn.Module, folder: Path, backend: Backend, recipe: Recipe, input_range: InputRange
+) -> EngineSession:
+    """Export and build ``model`` in ``folder`` (a scratch engine for a comparison)."""
+    folder.mkdir(parents=True)
+    exported = export_onnx(
+        model, folder / "model.onnx", recipe.scale, recipe.data_range, input_range=input_range
+    )
+    built = backend.build(exported.path, folder, "fp32")
+    return backend.load(folder / built.engine_file, built.settings)
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - start) / 1e6
 
 
 def build_manifest(
@@ -327,9 +447,9 @@ def compile_model(
     tolerance = recipe.tolerance(target.precision)
 
     input_range = derive_input_range(loaded.model, recipe.scale)
-    deploy, pass_results = run_passes(
-        loaded.model, recipe, input_range, sets, options.passes, options.accept_border_drift
-    )
+    deployed = deploy_form(loaded, options, input_range, sets)
+    deploy, pass_results = deployed.model, deployed.passes
+    parity_reference = deploy if deployed.unpruned is not None else None
     with StagedBundle(destination) as staged:
         export = export_onnx(
             deploy,
@@ -348,7 +468,10 @@ def compile_model(
         }
         session = backend.load(staged.dir / built.engine_file, built.settings)
         results = [
-            evaluate_set(s, loaded.model, session.run, recipe, tolerance, progress) for s in sets
+            evaluate_set(
+                s, loaded.model, session.run, recipe, tolerance, progress, parity_reference
+            )
+            for s in sets
         ]
         shapes = _usable_shapes(options.latency_shapes, export)
         latency = measure_engine_latency(
@@ -386,6 +509,9 @@ def compile_model(
             metrics,
             pass_results,
         )
+        pruning = pruning_report(deployed, options, results, backend, recipe, input_range, shapes)
+        if pruning is not None:
+            manifest["pruning"] = pruning
         failures = [f for r in results for f in r.failures()]
         if failures:
             manifest["failures"] = failures

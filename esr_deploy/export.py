@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "lr"
 OUTPUT_NAME = "sr"
 DEFAULT_OPSET = 18
-#: Max |onnx - torch| / data_range accepted for the fp32 export (reordered float sums only).
+#: Max |onnx - torch| / max(data_range, output span) accepted for the fp32 export (reordered
+#: float sums only).
 EXPORT_TOLERANCE = 1e-4
 #: Side lengths probed for the minimum input; the model must work on every size above the
 #: minimum up to this bound.
@@ -267,7 +268,11 @@ def _verify(
                 f"The exported ONNX returns shape {got.shape} for a {h}×{w} input where "
                 f"PyTorch returns {ref.shape} — the export lost the dynamic H×W."
             )
-        worst = max(worst, float(np.max(np.abs(got - ref))) / data_range)
+        # relative to the output's span (at least the data range): float32 rounding scales
+        # with the values, and a model that is not trained (or pruned without fine-tuning)
+        # can produce outputs far outside the data range
+        span = max(data_range, float(ref.max() - ref.min()))
+        worst = max(worst, float(np.max(np.abs(got - ref))) / span)
     return worst
 
 

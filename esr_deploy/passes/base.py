@@ -70,6 +70,7 @@ class PassResult:
     max_abs_error: float  # relative to the output range, on the verification inputs
     border_drift: float = 0.0
     details: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +85,7 @@ class PassResult:
             "max_abs_error": self.max_abs_error,
             "border_drift": self.border_drift,
             "details": list(self.details),
+            **self.extra,
         }
 
 
@@ -93,7 +95,8 @@ class Pass(ABC):
     name: ClassVar[str]
     #: True when ``run`` changes the model it is given (the manager then passes a copy).
     in_place: ClassVar[bool] = True
-    tolerance: ClassVar[float] = EXACT_PASS_TOLERANCE
+    #: may be set per instance (lossy passes report their cost instead of failing)
+    tolerance: float = EXACT_PASS_TOLERANCE
 
     @abstractmethod
     def run(self, model: nn.Module, context: PassContext) -> PassOutcome: ...
@@ -187,6 +190,7 @@ class PassManager:
                     max_abs_error=error,
                     border_drift=outcome.border_drift,
                     details=outcome.details,
+                    extra=dict(outcome.extra),
                 )
             )
             log.info(

@@ -698,7 +698,11 @@ class DataDependentBranch(nn.Module):
         return self.up(self.tail(h))
 
 
-@pytest.mark.parametrize("pass_name", sorted(PASSES))
+# the folding passes trace with torch.fx; prune-channels follows autograd and is not affected
+FX_PASSES = sorted(n for n in PASSES if n != "prune-channels")
+
+
+@pytest.mark.parametrize("pass_name", FX_PASSES)
 def test_untraceable_model_is_reported_and_kept(pass_name: str) -> None:
     model = seeded(DataDependentBranch(), seed=13)
     outcome = PASSES[pass_name]().run(model, CONTEXT)

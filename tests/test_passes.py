@@ -719,6 +719,7 @@ def test_untraceable_model_still_compiles_passes() -> None:
     )
     assert [r.name for r in results] == list(DEFAULT_PASSES)
     assert not any(r.modified for r in results)
-    assert all(any("cannot be traced" in d for d in r.details) for r in results)
+    folding = [r for r in results if r.name in FX_PASSES]
+    assert all(any("cannot be traced" in d for d in r.details) for r in folding)
     assert isinstance(deploy, DataDependentBranch) and not isinstance(deploy, fx.GraphModule)
     assert max_rel_error(model, deploy) == 0.0

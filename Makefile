@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench zoo reparam lint clean
+.PHONY: install demo test test-gpu bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ zoo: install
 
 reparam: install
 	$(BIN)/python bench/reparam.py
+
+prune: install
+	$(BIN)/python bench/prune.py
 
 lint: install
 	$(BIN)/ruff check esr_deploy tests bench

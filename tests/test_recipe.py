@@ -20,6 +20,7 @@ from esr_deploy.recipe import (
 
 OFFICIAL = {"imdn_x4", "rfdn_x4", "rlfn_x4", "fmen_x4", "dipnet_x4"}
 TRAINING_FORMS = {"ecbsr_m4c16_x4", "fmen_train_x4", "rlfn_rep_x4", "repvgg_sr_x4", "dbb_sr_x4"}
+SEARCHED = {"drn_s_x4"}  # DRN-S with channel widths from a compression search
 CHECKPOINT_RECIPE = {
     "imdn_x4.pth": "imdn_x4",
     "rlfn_x4.pth": "rlfn_x4",
@@ -44,7 +45,7 @@ class Doubler(nn.Module):
 
 def test_zoo_lists_official_and_training_form_recipes() -> None:
     recipes = zoo_recipes()
-    assert {r.name for r in recipes} == OFFICIAL | TRAINING_FORMS
+    assert {r.name for r in recipes} == OFFICIAL | TRAINING_FORMS | SEARCHED
     for r in recipes:
         assert r.scale == 4 and r.data_range in (1.0, 255.0)
         assert r.profile.opt == (256, 256)

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from esr_deploy.passes import FoldReparam
 from esr_deploy.passes.base import PassContext
-from esr_deploy.passes.linear_region import trace
+from esr_deploy.passes.linear_region import count_convs
 
 RTOL = 1e-9
 SETTINGS = settings(
@@ -367,14 +367,7 @@ DRIFT_CONTEXT = PassContext(data_range=1.0, sample_hw=(16, 16), accept_border_dr
 
 def graph_convs(model: nn.Module) -> int:
     """Conv modules called plus F.conv2d calls in the model's fx graph."""
-    gm = trace(model)  # the passes' tracer (it records t[...] = b writes)
-    n = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
-            n += 1
-        elif node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
-            n += 1
-    return n
+    return count_convs(model)
 
 
 def has_setitem(model: nn.Module) -> bool:

@@ -34,7 +34,7 @@ from esr_deploy.passes import (
     build_passes,
 )
 from esr_deploy.passes.base import Pass, PassContext, PassManager, PassOutcome
-from esr_deploy.passes.linear_region import trace
+from esr_deploy.passes.linear_region import count_convs, trace
 from esr_deploy.recipe import recipe_from_arch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,15 +100,8 @@ def max_rel_error(before: nn.Module, after: nn.Module, border: int = 0, **kw) ->
 
 
 def convs_in(model: nn.Module) -> int:
-    """Conv modules called plus ``F.conv2d`` calls in the model's graph."""
-    gm = trace(model)
-    n = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
-            n += 1
-        elif node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
-            n += 1
-    return n
+    """Conv modules called plus F.conv2d calls in the model's fx graph."""
+    return count_convs(model)
 
 
 def modules_of(model: nn.Module, kind: type) -> list[nn.Module]:

@@ -873,3 +873,9 @@ class RegionFoldingPass(Pass):
         return PassOutcome(
             model=gm, modified=folded > 0, details=tuple(details), border_drift=drift
         )
+
+
+def count_convs(model: nn.Module) -> int:
+    """Convolutions in the model's traced graph: conv modules called and ``F.conv2d`` calls."""
+    gm = trace(model)
+    return sum(1 for n in gm.graph.nodes if n.op != "get_attr" and is_conv(gm, n))

@@ -130,7 +130,14 @@ class StagedBundle:
         return full
 
     def commit(self) -> Path:
-        """Move the staged bundle to its destination, replacing an older bundle there."""
+        """Move the staged bundle to its destination, replacing an older bundle there.
+
+        The staging folder was created private (0700); the bundle gets the permissions a
+        new folder would have under the current umask, so a serving account can read it.
+        """
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.dir, 0o777 & ~umask)
         old: Path | None = None
         if self.destination.exists():
             old = self.destination.with_name(f".{self.destination.name}.old-{os.getpid()}")

@@ -82,7 +82,13 @@ def _parse_passes(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    return () if names in ((), ("none",)) else names
+    if names == ("none",):
+        return ()
+    if not names:
+        raise EsrDeployError(
+            f"--passes '{text}' names no pass — list passes separated by commas, or 'none'."
+        )
+    return names
 
 
 def _cell(key: str, value: Any) -> str:
@@ -384,8 +390,7 @@ def validate(
         typer.Option(
             "--val",
             help="Validation set folder "
-            "(repeatable; default: the sets in the manifest that still exist, else the "
-            "packaged set).",
+            "(repeatable; default: the small set packaged with esr-deploy).",
         ),
     ] = None,
     checkpoint: Annotated[

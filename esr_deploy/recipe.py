@@ -61,6 +61,9 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerances] = MappingProxyType(
     }
 )
 
+#: Parity PSNR reported for identical outputs (validate/parity.py uses the same value).
+PARITY_PSNR_CAP = 200.0
+
 #: Largest LR frame the default profile admits (a 1080p LR frame, either orientation fits
 #: a dynamic-shape engine; TensorRT profiles are derived from it by that backend).
 DEFAULT_OPT_HW: HW = (256, 256)
@@ -239,6 +242,13 @@ def parse_recipe(data: Mapping[str, Any], source: Path | None = None) -> Recipe:
                 f"({', '.join(DEFAULT_TOLERANCES)})."
             )
         tolerances[precision] = replace(DEFAULT_TOLERANCES[precision], **dict(values))
+        if tolerances[precision].parity_min_psnr > PARITY_PSNR_CAP:
+            raise RecipeError(
+                f"{where}: tolerances.{precision}.parity_min_psnr "
+                f"{tolerances[precision].parity_min_psnr} is above {PARITY_PSNR_CAP} dB, the "
+                "value reported for outputs identical to float precision — no engine could "
+                "pass it."
+            )
     arch_args = data.get("arch_args", {})
     if not isinstance(arch_args, Mapping):
         raise RecipeError(f"{where}: arch_args must be a table, got {type(arch_args).__name__}.")

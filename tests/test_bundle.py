@@ -104,3 +104,16 @@ def test_output_path_that_is_a_file_is_refused(tmp_path) -> None:
     f.write_text("x")
     with pytest.raises(OutputError, match="not a folder"):
         _stage(f)
+
+
+def test_committed_bundle_is_readable_by_others(tmp_path) -> None:
+    # mkdtemp creates the staging folder 0700; a serving account must still read the bundle
+    import os
+
+    dest = tmp_path / "m"
+    old = os.umask(0o022)
+    try:
+        _stage(dest)
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == 0o755

@@ -503,3 +503,23 @@ def test_passes_none_records_no_pass(tmp_path: Path) -> None:
     )
     assert run.code == 0, run.stderr
     assert json.loads(run.stdout)["passes"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (
+            ["--arch", "tests.user_models.tiny_sr:TinyGatedSR", "--recipe", "rlfn_x4"],
+            ["--arch or --recipe, not both"],
+        ),
+        (["--scale", "2"], ["--scale and --data-range go with --arch"]),
+        (["--prune-ratio", "2"], ["--prune-ratio must be between 0 and 1"]),
+        (["--prune-ratio", "nan"], ["--prune-ratio must be between 0 and 1"]),
+        (["--prune-to", "0"], ["--prune-to must be at least 1"]),
+        (["--prune-ratio", "0.5", "--prune-to", "4"], ["--prune-ratio or --prune-to"]),
+        (["--passes", ",,"], ["names no pass"]),
+    ],
+)
+def test_contradictory_options_are_refused_before_any_work(tmp_path: Path, args, words) -> None:
+    run = esr_deploy("compile", RLFN, *args, "--out", OUT, cwd=tmp_path)
+    assert_refused(run, 2, words, tmp_path)

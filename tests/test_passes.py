@@ -716,3 +716,27 @@ def test_untraceable_model_still_compiles_passes() -> None:
     assert all(any("cannot be traced" in d for d in r.details) for r in folding)
     assert isinstance(deploy, DataDependentBranch) and not isinstance(deploy, fx.GraphModule)
     assert max_rel_error(model, deploy) == 0.0
+
+
+class InteriorWrite(nn.Module):
+    """A write at a fixed interior row is not shift-invariant: never part of a region."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, C, 1)
+        self.b = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y[:, :, 20:21, :] = 1.0
+        return torch.relu(self.b(y))
+
+
+def test_interior_write_is_not_folded_even_with_drift_accepted() -> None:
+    model = InteriorWrite().eval()
+    for context in (CONTEXT, DRIFT):
+        outcome = FoldReparam().run(copy.deepcopy(model), context)
+        assert not outcome.modified
+        x = torch.rand(1, 3, 45, 61)
+        with torch.no_grad():
+            assert float((outcome.model(x) - model(x)).abs().max()) == 0.0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esr_deploy.checkpoint import load_checkpoint, load_weights
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, validate_bundle
 from esr_deploy.passes.base import PassContext
 from esr_deploy.passes.prune_channels import PruneChannels
 from esr_deploy.recipe import find_recipe
@@ -270,3 +270,7 @@ def test_lossy_compile_reports_its_cost(tmp_path) -> None:
     assert set(report["psnr_drop"]) == {"set5_crops"}
     assert not manifest["validation"]["set5_crops"]["drop_gated"]
     assert manifest["validation"]["set5_crops"]["parity_min_psnr"] >= 60.0
+    # re-validating the bundle measures parity against the pruned model it was built from
+    report = validate_bundle(tmp_path / "b", (), None)
+    assert report["failures"] == [] and "pruned fp32 ONNX" in report["reference"]
+    assert report["validation"]["set5_crops"]["parity_min_psnr"] >= 60.0

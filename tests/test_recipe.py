@@ -90,6 +90,10 @@ def test_recipe_file_tolerance_override(tmp_path) -> None:
         ('arch = "a:B"\nscale = 2\ndata_range = 1\n[profile]\nopt = [0, 4]\n', "profile.opt"),
         ('arch = "a:B"\nscale = 2\ndata_range = 1\n[tolerances.fp64]\n', "not a precision"),
         ("arch = \n", "not valid TOML"),
+        (
+            'arch = "a:B"\nscale = 2\ndata_range = 1\n[tolerances.fp32]\nparity_min_psnr = 250.0\n',
+            "above 200",
+        ),
     ],
 )
 def test_bad_recipe_files(tmp_path, text, message) -> None:

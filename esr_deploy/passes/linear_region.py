@@ -330,9 +330,34 @@ def _function_affine(analysis: Analysis, node: fx.Node, data: Sequence[fx.Node])
         return (
             isinstance(target, fx.Node)
             and analysis.kinds.get(target) == AFFINE
+            and _border_write(args[1])
             and (isinstance(value, (int, float)) or _per_channel(analysis, value))
         )
     return False
+
+
+def _border_write(index: Any) -> bool:
+    """``t[:, :, :p, :] = b``-style writes: every channel, and along H and W either all
+    positions or a band at the start (``:p``, ``0:p``) or the end (``-p:``) of the axis.
+
+    Only such writes (bias padding) keep a region shift-invariant up to its border; a write
+    at a fixed interior row (``t[:, :, 20:21] = 1``) does not, and would go unnoticed by
+    probes smaller than the row index.
+    """
+    if not isinstance(index, tuple) or len(index) != 4:
+        return False
+    if any(not isinstance(i, slice) or i.step not in (None, 1) for i in index):
+        return False
+    if index[0] != slice(None) or index[1] != slice(None):
+        return False
+    for axis in index[2:]:
+        start, stop = axis.start, axis.stop
+        full = start is None and stop is None
+        head = start in (None, 0) and isinstance(stop, int) and stop > 0
+        tail = isinstance(start, int) and start < 0 and stop is None
+        if not (full or head or tail):
+            return False
+    return True
 
 
 def _method_affine(analysis: Analysis, node: fx.Node, data: Sequence[fx.Node]) -> bool:
@@ -598,7 +623,7 @@ def _compute_fold(
     try:
         with torch.no_grad():
             response = sub(probe)
-    except (RuntimeError, TypeError, ValueError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         log.info("region ending at %s not folded: %s", region.output.name, exc)
         return None
     if not isinstance(response, torch.Tensor) or tuple(response.shape) != (

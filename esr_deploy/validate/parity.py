@@ -26,11 +26,11 @@ import torch
 
 from esr_deploy.data import ValidationSet, to_tensor, to_uint8
 from esr_deploy.progress import NullProgress, Progress
-from esr_deploy.recipe import Recipe, Tolerances
+from esr_deploy.recipe import PARITY_PSNR_CAP, Recipe, Tolerances
 from esr_deploy.validate.quality import max_abs_error, psnr, psnr_y, ssim_y
 
 #: Parity PSNR reported for outputs identical to float precision (dB).
-PSNR_CAP = 200.0
+PSNR_CAP = PARITY_PSNR_CAP
 
 EngineRun = Callable[[np.ndarray], np.ndarray]
 #: The PyTorch reference: the training-form model, or any callable with its signature.

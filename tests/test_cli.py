@@ -333,12 +333,13 @@ def test_missing_validation_folder(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def failed_compile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
-    """A compile whose recipe demands 1000 dB of parity: it runs to the end, then fails."""
+    """A recipe demanding 199 dB of parity (under the 200 dB cap, above what float32 gives):
+    the compile runs to the end, then fails."""
     cwd = tmp_path_factory.mktemp("failed")
     recipe = cwd / "strict.toml"
     recipe.write_text(
         (recipes_dir() / "rlfn_x4.toml").read_text()
-        + "\n[tolerances.fp32]\nparity_min_psnr = 1000.0\n"
+        + "\n[tolerances.fp32]\nparity_min_psnr = 199.0\n"
     )
     run = esr_deploy(
         "compile", RLFN, "--recipe", recipe, "--no-latency", "--json", "--out", OUT, cwd=cwd
@@ -357,7 +358,7 @@ def test_validation_failure_exits_3_and_writes_nothing(failed_compile: tuple[Run
     for image in per_image:  # which image, which metric, measured, required
         expected = (
             f"set5_crops/{image['name']}: parity PSNR {image['parity_psnr']:.2f} dB < "
-            "required 1000.00 dB"
+            "required 199.00 dB"
         )
         assert expected in message, shown
     assert "nothing was written" in message and "[tolerances.fp32]" in message, shown
@@ -373,7 +374,7 @@ def test_validation_failure_json_is_the_failing_manifest(
     assert run.stdout.startswith("{") and run.stdout.rstrip().endswith("}")
     assert MANIFEST_KEYS - {"files"} <= set(manifest)
     assert len(manifest["failures"]) == 3
-    assert all("parity PSNR" in f and "1000.00" in f for f in manifest["failures"])
+    assert all("parity PSNR" in f and "199.00" in f for f in manifest["failures"])
     assert manifest["validation"]["set5_crops"]["passed"] is False
 
 

@@ -16,19 +16,16 @@ ReLU between them. Input and output in 0..1.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from esr_deploy.errors import RecipeError
-from esr_deploy.zoo.reparam_blocks import DiverseBranchBlock
+from esr_deploy.zoo.reparam_blocks import BlockChainSR, DiverseBranchBlock
 
 __all__ = ["DBBSR"]
 
 
-class DBBSR(nn.Module):
+class DBBSR(BlockChainSR):
     """DBB-style SR network (training form); x4 default: 8 blocks of 32 channels, 3x3.
 
     Args:
@@ -49,12 +46,19 @@ class DBBSR(nn.Module):
         kernel_size: int = 3,
         upscale: int = 4,
     ) -> None:
-        super().__init__()
         if kernel_size % 2 != 1:
             raise RecipeError(
                 f"DBBSR arch_args are inconsistent — kernel_size must be odd, got {kernel_size} "
                 "— fix the recipe's [arch_args]"
             )
+        super().__init__(
+            partial(DiverseBranchBlock, kernel_size=kernel_size),
+            in_channels,
+            out_channels,
+            feature_channels,
+            num_blocks,
+            upscale,
+        )
         self.arch_args: dict[str, Any] = {
             "in_channels": in_channels,
             "out_channels": out_channels,
@@ -63,15 +67,3 @@ class DBBSR(nn.Module):
             "kernel_size": kernel_size,
             "upscale": upscale,
         }
-        c, k = feature_channels, kernel_size
-        self.head = DiverseBranchBlock(in_channels, c, k)
-        self.body = nn.ModuleList([DiverseBranchBlock(c, c, k) for _ in range(num_blocks)])
-        self.tail = DiverseBranchBlock(c, out_channels * upscale**2, k)
-        self.upsampler = nn.PixelShuffle(upscale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """N x C x H x W in 0..1 -> N x C x sH x sW (not clamped)."""
-        h = F.relu(self.head(x))
-        for block in self.body:
-            h = F.relu(block(h))
-        return self.upsampler(self.tail(h))

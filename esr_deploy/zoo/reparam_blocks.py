@@ -39,6 +39,7 @@ the originals load strictly where the layouts coincide.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -458,3 +459,38 @@ class ExpandSqueezeRepConv(nn.Module):
         if self.same_width:
             return y + x
         return y + F.conv2d(x, self.identity_kernel)
+
+
+# --- plain chain of re-param blocks ------------------------------------------------------------
+
+
+class BlockChainSR(nn.Module):
+    """``PixelShuffle(s)(tail(relu(block_m(... relu(block_1(relu(head(x))))))))``.
+
+    The plain VGG-style SR layout shared by :class:`esr_deploy.zoo.repvgg_sr.RepVGGSR` and
+    :class:`esr_deploy.zoo.dbb_sr.DBBSR`; ``make_block(c_in, c_out)`` builds one block
+    (``head``, ``body.i``, ``tail``, no activation after the tail).
+    """
+
+    def __init__(
+        self,
+        make_block: Callable[[int, int], nn.Module],
+        in_channels: int,
+        out_channels: int,
+        feature_channels: int,
+        num_blocks: int,
+        upscale: int,
+    ) -> None:
+        super().__init__()
+        c = feature_channels
+        self.head = make_block(in_channels, c)
+        self.body = nn.ModuleList([make_block(c, c) for _ in range(num_blocks)])
+        self.tail = make_block(c, out_channels * upscale**2)
+        self.upsampler = nn.PixelShuffle(upscale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N x C x H x W in 0..1 -> N x C x sH x sW (not clamped)."""
+        h = F.relu(self.head(x))
+        for block in self.body:
+            h = F.relu(block(h))
+        return self.upsampler(self.tail(h))

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from esr_deploy.zoo.reparam_blocks import RepVGGBlock
+from esr_deploy.zoo.reparam_blocks import BlockChainSR, RepVGGBlock
 
 __all__ = ["RepVGGSR"]
 
 
-class RepVGGSR(nn.Module):
+class RepVGGSR(BlockChainSR):
     """RepVGG-style SR network (training form); x4 default: 8 blocks of 32 channels.
 
     Args:
@@ -45,7 +41,9 @@ class RepVGGSR(nn.Module):
         num_blocks: int = 8,
         upscale: int = 4,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            RepVGGBlock, in_channels, out_channels, feature_channels, num_blocks, upscale
+        )
         self.arch_args: dict[str, Any] = {
             "in_channels": in_channels,
             "out_channels": out_channels,
@@ -53,15 +51,3 @@ class RepVGGSR(nn.Module):
             "num_blocks": num_blocks,
             "upscale": upscale,
         }
-        c = feature_channels
-        self.head = RepVGGBlock(in_channels, c)
-        self.body = nn.ModuleList([RepVGGBlock(c, c) for _ in range(num_blocks)])
-        self.tail = RepVGGBlock(c, out_channels * upscale**2)
-        self.upsampler = nn.PixelShuffle(upscale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """N x C x H x W in 0..1 -> N x C x sH x sW (not clamped)."""
-        h = F.relu(self.head(x))
-        for block in self.body:
-            h = F.relu(block(h))
-        return self.upsampler(self.tail(h))

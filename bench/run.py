@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from esr_deploy.checkpoint import load_checkpoint, load_weights
-from esr_deploy.compiler import load_sets, run_passes
+from esr_deploy.compiler import load_sets, run_passes, scratch_engine
 from esr_deploy.data import to_tensor
-from esr_deploy.export import derive_input_range, export_onnx
+from esr_deploy.export import derive_input_range
 from esr_deploy.recipe import Recipe, find_recipe
 from esr_deploy.targets import require_available
+from esr_deploy.validate.latency import measure_interleaved
 from esr_deploy.zoo.training import randomize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,12 +39,6 @@ CHECKPOINTS = {
     "dipnet_x4": "dipnet_ntire2023.pth",
 }
 TRAINING_FORMS = ("ecbsr_m4c16_x4", "fmen_train_x4", "rlfn_rep_x4", "repvgg_sr_x4", "dbb_sr_x4")
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter_ns()
-    fn()
-    return (time.perf_counter_ns() - start) / 1e6
 
 
 def _model(name: str, weights: Path | None) -> tuple[Recipe, torch.nn.Module]:
@@ -64,21 +57,15 @@ def bench_model(name: str, weights: Path | None, hw: tuple[int, int], runs: int)
     rng = derive_input_range(model, recipe.scale)
     deploy, passes = run_passes(model, recipe, rng, load_sets((), recipe.scale), None, False)
     _, backend = require_available("ort-fp32")
+    x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0)) * recipe.data_range
+    xn = x.numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export_onnx(
-            deploy, Path(tmp) / "m.onnx", recipe.scale, recipe.data_range, input_range=rng
-        )
-        built = backend.build(exported.path, Path(tmp), "fp32")
-        session = backend.load(Path(tmp) / built.engine_file, built.settings)
-        x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0)) * recipe.data_range
-        xn = x.numpy()
-        eager, engine = [], []
+        session, exported = scratch_engine(deploy, Path(tmp), backend, recipe, rng)
         with torch.inference_mode():
-            model(x), session.run(xn)  # warm-up
-            for _ in range(runs):
-                eager.append(_time_ms(lambda: model(x)))
-                engine.append(_time_ms(lambda: session.run(xn)))
-    e, g = statistics.median(eager), statistics.median(engine)
+            eager, engine = measure_interleaved(
+                [partial(model, x), partial(session.run, xn)], warmup=1, rounds=runs
+            )
+    e, g = eager.median_ms, engine.median_ms
     return {
         "model": name,
         "form": "training" if weights is None else "official",

@@ -12,7 +12,6 @@ import copy
 import logging
 import platform
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,7 +61,7 @@ from esr_deploy.recipe import (
     recipe_from_arch,
 )
 from esr_deploy.targets import Target, require_available
-from esr_deploy.validate.latency import measure_latency
+from esr_deploy.validate.latency import measure_interleaved, measure_latency
 from esr_deploy.validate.metrics import model_metrics
 from esr_deploy.validate.parity import ReferenceRun, SetResult, evaluate_set, model_input
 from esr_deploy.validate.report import write_report
@@ -320,9 +319,11 @@ def pruning_report(
     recipe: Recipe,
     input_range: InputRange,
     shapes: Sequence[HW],
+    pruned: EngineSession,
 ) -> dict[str, Any] | None:
     """What pruning removed and, for lossy pruning, what it cost (params, FLOPs, latency,
-    PSNR-Y against the unpruned model), measured side by side."""
+    PSNR-Y against the unpruned model), measured side by side; ``pruned`` is the engine
+    the compile built, the unpruned one is built here for the comparison."""
     prune = next((p for p in deploy.passes if p.name == "prune-channels"), None)
     if prune is None:
         return None
@@ -337,19 +338,17 @@ def pruning_report(
     if deploy.unpruned is None:
         return report
     h, w = shapes[0] if shapes else (256, 256)
+    x = (
+        np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32) * recipe.data_range
+    ).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = [
-            _engine(model, Path(tmp) / label, backend, recipe, input_range)
-            for label, model in (("unpruned", deploy.unpruned), ("pruned", deploy.model))
-        ]
-        x = (
-            np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32) * recipe.data_range
-        ).astype(np.float32)
-        before, after = [], []
-        for _ in range(PRUNE_LATENCY_RUNS + 1):  # the first pair is the warm-up
-            before.append(_time_ms(partial(sessions[0].run, x)))
-            after.append(_time_ms(partial(sessions[1].run, x)))
-    b, a = float(np.median(before[1:])), float(np.median(after[1:]))
+        unpruned, _ = scratch_engine(deploy.unpruned, Path(tmp), backend, recipe, input_range)
+        before, after = measure_interleaved(
+            [partial(unpruned.run, x), partial(pruned.run, x)],
+            warmup=1,
+            rounds=PRUNE_LATENCY_RUNS,
+        )
+    b, a = before.median_ms, after.median_ms
     report.update(
         {
             "ratio": options.prune_ratio,
@@ -364,22 +363,16 @@ def pruning_report(
     return report
 
 
-def _engine(
+def scratch_engine(
     model: nn.Module, folder: Path, backend: Backend, recipe: Recipe, input_range: InputRange
-) -> EngineSession:
-    """Export and build ``model`` in ``folder`` (a scratch engine for a comparison)."""
-    folder.mkdir(parents=True)
+) -> tuple[EngineSession, ExportResult]:
+    """Export ``model`` and build its fp32 engine in ``folder`` (for comparisons, not a
+    bundle: nothing is validated); the session and what the export measured."""
     exported = export_onnx(
         model, folder / "model.onnx", recipe.scale, recipe.data_range, input_range=input_range
     )
     built = backend.build(exported.path, folder, "fp32")
-    return backend.load(folder / built.engine_file, built.settings)
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter_ns()
-    fn()
-    return (time.perf_counter_ns() - start) / 1e6
+    return backend.load(folder / built.engine_file, built.settings), exported
 
 
 def build_manifest(
@@ -532,7 +525,9 @@ def compile_model(
             metrics,
             pass_results,
         )
-        pruning = pruning_report(deployed, options, results, backend, recipe, input_range, shapes)
+        pruning = pruning_report(
+            deployed, options, results, backend, recipe, input_range, shapes, session
+        )
         if pruning is not None:
             manifest["pruning"] = pruning
         failures = [f for r in results for f in r.failures()]

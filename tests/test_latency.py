@@ -38,3 +38,23 @@ def test_bad_arguments() -> None:
         measure_latency(lambda: None, warmup=0, runs=0)
     with pytest.raises(ValueError, match="warmup"):
         measure_latency(lambda: None, warmup=-1, runs=1)
+
+
+def test_measure_interleaved_times_each_callable_in_turn() -> None:
+    from esr_deploy.validate.latency import measure_interleaved
+
+    order: list[str] = []
+
+    def slow() -> None:
+        order.append("slow")
+        time.sleep(0.004)
+
+    def fast() -> None:
+        order.append("fast")
+
+    slow_stats, fast_stats = measure_interleaved([slow, fast], warmup=1, rounds=3)
+    assert order == ["slow", "fast"] * 4  # warm-up round, then 3 timed rounds alternating
+    assert slow_stats.runs == fast_stats.runs == 3
+    assert slow_stats.median_ms >= 4.0 > fast_stats.median_ms
+    with pytest.raises(ValueError):
+        measure_interleaved([fast], warmup=0, rounds=0)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LatencyStats", "measure_latency"]
+__all__ = ["LatencyStats", "measure_interleaved", "measure_latency"]
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,38 @@ def measure_latency(
             on_step()
     times_ns = np.empty(runs, dtype=np.int64)
     for i in range(runs):
-        t0 = time.perf_counter_ns()
-        run()
-        times_ns[i] = time.perf_counter_ns() - t0
+        times_ns[i] = _timed_ns(run)
         if on_step is not None:
             on_step()
+    return _summarise(times_ns)
+
+
+def measure_interleaved(
+    runs: Sequence[Callable[[], object]], warmup: int, rounds: int
+) -> list[LatencyStats]:
+    """Time several callables in turn (a, b, a, b, ...), so that machine noise hits all of
+    them alike; ``warmup`` untimed rounds first. One :class:`LatencyStats` per callable, for
+    ratios measured side by side.
+    """
+    if warmup < 0 or rounds < 1:
+        raise ValueError(f"need warmup >= 0 and rounds >= 1, got {warmup} and {rounds}")
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times_ns = np.empty((len(runs), rounds), dtype=np.int64)
+    for r in range(rounds):
+        for i, run in enumerate(runs):
+            times_ns[i, r] = _timed_ns(run)
+    return [_summarise(t) for t in times_ns]
+
+
+def _timed_ns(run: Callable[[], object]) -> int:
+    t0 = time.perf_counter_ns()
+    run()
+    return time.perf_counter_ns() - t0
+
+
+def _summarise(times_ns: np.ndarray) -> LatencyStats:
     ms = times_ns.astype(np.float64) / 1e6
     p10, median, p90 = np.percentile(ms, [10.0, 50.0, 90.0])
     stats = LatencyStats(
@@ -82,11 +109,11 @@ def measure_latency(
         p10_ms=float(p10),
         p90_ms=float(p90),
         mean_ms=float(ms.mean()),
-        runs=runs,
+        runs=len(ms),
     )
     log.debug(
         "latency over %d runs: median %.3f ms (p10 %.3f, p90 %.3f)",
-        runs,
+        stats.runs,
         stats.median_ms,
         stats.p10_ms,
         stats.p90_ms,

@@ -46,7 +46,7 @@ from esr_deploy.export import (
     export_onnx,
 )
 from esr_deploy.passes import DEFAULT_PASSES, build_passes
-from esr_deploy.passes.base import PassContext, PassManager, PassResult
+from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult
 from esr_deploy.paths import default_val_dir
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import (
@@ -62,7 +62,7 @@ from esr_deploy.recipe import (
 )
 from esr_deploy.targets import Target, require_available
 from esr_deploy.validate.latency import measure_interleaved, measure_latency
-from esr_deploy.validate.metrics import model_metrics
+from esr_deploy.validate.metrics import ModelMetrics, model_metrics
 from esr_deploy.validate.parity import ReferenceRun, SetResult, evaluate_set, model_input
 from esr_deploy.validate.report import write_report
 
@@ -363,6 +363,13 @@ def pruning_report(
     return report
 
 
+def metrics_256(model: nn.Module, known: ModelMetrics | None) -> ModelMetrics:
+    """NTIRE metrics at 256×256 LR: ``known`` when it was counted at that size."""
+    if known is not None and tuple(known.input_hw) == METRICS_HW:
+        return known
+    return model_metrics(model, input_hw=METRICS_HW)
+
+
 def scratch_engine(
     model: nn.Module, folder: Path, backend: Backend, recipe: Recipe, input_range: InputRange
 ) -> tuple[EngineSession, ExportResult]:
@@ -499,8 +506,9 @@ def compile_model(
             progress,
             options.large_runs,
         )
-        mm = model_metrics(deploy, input_hw=(256, 256))
-        trained = model_metrics(loaded.model, input_hw=(256, 256)) if pass_results else mm
+        # the pass manager already counted both ends; count here only what it did not
+        mm = metrics_256(deploy, pass_results[-1].after if pass_results else None)
+        trained = metrics_256(loaded.model, pass_results[0].before) if pass_results else mm
         metrics = {
             "params": mm.params,
             "flops_256": mm.flops,

@@ -6,15 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from esr_deploy.bundle import load_bundle
-from esr_deploy.compiler import ModelSource, load_model, load_sets, run_passes
+from esr_deploy.compiler import ModelSource, load_model, load_sets, metrics_256, run_passes
 from esr_deploy.export import derive_input_range
-from esr_deploy.validate.metrics import model_metrics
 
 
 def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
     """What the checkpoint holds and what each default pass would do (on a copy)."""
     loaded = load_model(source)
-    m = model_metrics(loaded.model, input_hw=(256, 256))
     rng = derive_input_range(loaded.model, loaded.recipe.scale)
     _, plan = run_passes(
         loaded.model,
@@ -24,6 +22,7 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
         None,
         accept_border_drift=False,
     )
+    m = metrics_256(loaded.model, plan[0].before if plan else None)  # counted by the passes
     return {
         "checkpoint": str(loaded.checkpoint.path),
         "sha256": loaded.checkpoint.sha256,

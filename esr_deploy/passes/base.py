@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from esr_deploy.errors import EsrDeployError, PassError
-from esr_deploy.validate.metrics import model_metrics
+from esr_deploy.validate.metrics import ModelMetrics, model_metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,24 @@ class PassOutcome:
 
 @dataclass(frozen=True)
 class PassResult:
+    """A pass as the manifest records it; ``before``/``after`` are the manager's counts of
+    the pass's input and output (at 256×256, or another size a model insists on)."""
+
     name: str
     modified: bool
-    convs_before: int
-    convs_after: int
-    params_before: int
-    params_after: int
-    flops_before: int
-    flops_after: int
+    before: ModelMetrics
+    after: ModelMetrics
     max_abs_error: float  # relative to the output range, on the verification inputs
     border_drift: float = 0.0
     details: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    convs_before = property(lambda self: self.before.convs)
+    convs_after = property(lambda self: self.after.convs)
+    params_before = property(lambda self: self.before.params)
+    params_after = property(lambda self: self.after.params)
+    flops_before = property(lambda self: self.before.flops)
+    flops_after = property(lambda self: self.after.flops)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,20 +112,12 @@ class Pass(ABC):
     def run(self, model: nn.Module, context: PassContext) -> PassOutcome: ...
 
 
-@dataclass(frozen=True)
-class _Counts:
-    convs: int
-    params: int
-    flops: int
-
-
-def _counts(model: nn.Module, fallback_hw: tuple[int, int]) -> _Counts:
+def _counts(model: nn.Module, fallback_hw: tuple[int, int]) -> ModelMetrics:
     """Counts at 256×256, or at ``fallback_hw`` for models that accept only other sizes."""
     try:
-        m = model_metrics(model, input_hw=METRICS_HW)
+        return model_metrics(model, input_hw=METRICS_HW)
     except RuntimeError:
-        m = model_metrics(model, input_hw=fallback_hw)
-    return _Counts(convs=m.convs, params=m.params, flops=m.flops)
+        return model_metrics(model, input_hw=fallback_hw)
 
 
 def _interior_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -197,12 +195,8 @@ class PassManager:
                 PassResult(
                     name=p.name,
                     modified=outcome.modified,
-                    convs_before=counts.convs,
-                    convs_after=new_counts.convs,
-                    params_before=counts.params,
-                    params_after=new_counts.params,
-                    flops_before=counts.flops,
-                    flops_after=new_counts.flops,
+                    before=counts,
+                    after=new_counts,
                     max_abs_error=error,
                     border_drift=outcome.border_drift,
                     details=outcome.details,

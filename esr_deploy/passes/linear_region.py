@@ -104,12 +104,11 @@ class Fold:
     radius: int
     interior_error: float  # relative
     border_error: float  # relative
-    cost_before: int  # multiply-accumulates per output pixel of the region's convs
-    cost_after: int
 
     @property
-    def exact(self) -> bool:
-        return self.border_error <= EXACT
+    def cost_after(self) -> int:
+        """Multiply-accumulates per output pixel of the folded conv."""
+        return self.weight.numel()
 
 
 @dataclass
@@ -667,8 +666,6 @@ def _compute_fold(
         radius=r,
         interior_error=interior,
         border_error=border,
-        cost_before=conv_cost(gm, analysis, region.nodes),
-        cost_after=weight.numel(),
     )
 
 

@@ -281,15 +281,13 @@ def _function_affine(analysis: Analysis, node: fx.Node, data: Sequence[fx.Node])
         divides = t in (operator.truediv, operator.itruediv, torch.div)
         return (not divides or args[0] is data[0]) and _per_channel(analysis, other)
     if t in _NEG or t in _IDENTITY_FN:
-        if t in (F.dropout, F.dropout2d) and (
-            kwargs.get("training", False) or (len(args) > 2 and args[2])
-        ):
+        if t in (F.dropout, F.dropout2d) and _arg(node, 2, "training", False):
             return False
         return len(data) == 1
     if t in (F.conv2d, torch.conv2d):
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        stride = args[3] if len(args) > 3 else kwargs.get("stride", 1)
+        weight = _arg(node, 1, "weight")
+        bias = _arg(node, 2, "bias")
+        stride = _arg(node, 3, "stride", 1)
         w_shape = analysis.shape(weight) if isinstance(weight, fx.Node) else None
         return (
             len(data) == 1
@@ -301,23 +299,23 @@ def _function_affine(analysis: Analysis, node: fx.Node, data: Sequence[fx.Node])
             and w_shape is not None
             and w_shape[-1] % 2 == 1
             and w_shape[-2] % 2 == 1
-            and not isinstance(args[4] if len(args) > 4 else kwargs.get("padding", 0), str)
+            and not isinstance(_arg(node, 4, "padding", 0), str)
         )
     if t is F.pad:
-        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        mode = _arg(node, 2, "mode", "constant")
         return len(data) == 1 and mode == "constant" and not _nodes_in(args[1:])
     if t is F.avg_pool2d:
-        stride = args[2] if len(args) > 2 else kwargs.get("stride")
+        stride = _arg(node, 2, "stride")
         return len(data) == 1 and stride in (1, (1, 1), [1, 1]) and not kwargs.get("ceil_mode")
     if t is F.batch_norm:
-        training = args[5] if len(args) > 5 else kwargs.get("training", False)
+        training = _arg(node, 5, "training", False)
         return len(data) == 1 and not training
     if t in _CAT:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        dim = _arg(node, 1, "dim", 0)
         tensors = args[0]
         return dim in (1, -3) and all(isinstance(a, fx.Node) and a in data for a in tensors)
     if t in _SPLIT:
-        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        dim = _arg(node, 2, "dim", 0)
         return len(data) == 1 and dim in (1, -3)
     if t is operator.getitem:
         src = args[0]
@@ -371,7 +369,7 @@ def _method_affine(analysis: Analysis, node: fx.Node, data: Sequence[fx.Node]) -
     if name in _METHODS_ID or name == "neg":
         return len(data) == 1
     if name in ("split", "chunk"):
-        dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+        dim = _arg(node, 2, "dim", 0)
         return len(data) == 1 and dim in (1, -3)
     return False
 

@@ -740,3 +740,20 @@ def test_interior_write_is_not_folded_even_with_drift_accepted() -> None:
         x = torch.rand(1, 3, 45, 61)
         with torch.no_grad():
             assert float((outcome.model(x) - model(x)).abs().max()) == 0.0
+
+
+class FunctionalDropout(nn.Module):
+    """F.dropout without training= drops even in eval mode (its default is training=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, C, 3, padding=1)
+        self.b = nn.Conv2d(C, C, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.b(F.dropout(self.a(x), 0.5)))
+
+
+def test_functional_dropout_in_training_mode_is_not_an_identity() -> None:
+    outcome = FoldReparam().run(copy.deepcopy(FunctionalDropout().eval()), CONTEXT)
+    assert not outcome.modified

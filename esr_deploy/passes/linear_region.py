@@ -281,7 +281,8 @@ def _function_affine(analysis: Analysis, node: fx.Node, data: Sequence[fx.Node])
         divides = t in (operator.truediv, operator.itruediv, torch.div)
         return (not divides or args[0] is data[0]) and _per_channel(analysis, other)
     if t in _NEG or t in _IDENTITY_FN:
-        if t in (F.dropout, F.dropout2d) and _arg(node, 2, "training", False):
+        # F.dropout defaults to training=True: it drops even in eval() unless told otherwise
+        if t in (F.dropout, F.dropout2d) and _arg(node, 2, "training", True):
             return False
         return len(data) == 1
     if t in (F.conv2d, torch.conv2d):

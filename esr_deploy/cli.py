@@ -412,9 +412,7 @@ def validate(
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
             err.print(f"reference: {report['reference']}", highlight=False, markup=False)
-            out.print(
-                _summary({**report, "name": report["name"], "target": report["target"]}, bundle)
-            )
+            out.print(_summary(report, bundle))
         if report["failures"]:
             raise ValidationError("Validation failed — " + "; ".join(report["failures"]))
 

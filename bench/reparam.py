@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, load_sets
-from esr_deploy.data import to_tensor
+from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.recipe import find_recipe
-from esr_deploy.zoo.training import deploy_spec, randomize
+from esr_deploy.zoo.training import calibration_image, deploy_spec, randomize
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINING_FORMS = ("ecbsr_m4c16_x4", "fmen_train_x4", "rlfn_rep_x4", "repvgg_sr_x4", "dbb_sr_x4")
@@ -42,8 +41,7 @@ def main() -> int:
         for name in TRAINING_FORMS:
             recipe = find_recipe(name)
             model = recipe.build_model()
-            lr = load_sets((), recipe.scale)[0].pairs[0].lr
-            randomize(model, seed=0, calibration=to_tensor(lr, recipe.data_range))
+            randomize(model, seed=0, calibration=calibration_image(recipe.data_range))
             ckpt = Path(tmp) / f"{name}.pth"
             torch.save(model.state_dict(), ckpt)
             m = compile_model(

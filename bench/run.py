@@ -23,12 +23,11 @@ import torch
 
 from esr_deploy.checkpoint import load_checkpoint, load_weights
 from esr_deploy.compiler import load_sets, run_passes, scratch_engine
-from esr_deploy.data import to_tensor
 from esr_deploy.export import derive_input_range
 from esr_deploy.recipe import Recipe, find_recipe
 from esr_deploy.targets import require_available
 from esr_deploy.validate.latency import measure_interleaved
-from esr_deploy.zoo.training import randomize
+from esr_deploy.zoo.training import calibration_image, randomize
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINTS = {
@@ -47,8 +46,7 @@ def _model(name: str, weights: Path | None) -> tuple[Recipe, torch.nn.Module]:
     if weights is not None:
         load_weights(model, load_checkpoint(weights))
     else:  # a training form: random weights, BN statistics from a real LR image
-        lr = load_sets((), recipe.scale)[0].pairs[0].lr
-        randomize(model, seed=0, calibration=to_tensor(lr, recipe.data_range))
+        randomize(model, seed=0, calibration=calibration_image(recipe.data_range))
     return recipe, model.eval()
 
 

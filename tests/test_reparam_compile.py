@@ -14,11 +14,9 @@ import pytest
 import torch
 
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
-from esr_deploy.data import load_validation_set, to_tensor
 from esr_deploy.export import graph_stats
-from esr_deploy.paths import default_val_dir
 from esr_deploy.recipe import find_recipe
-from esr_deploy.zoo.training import deploy_spec, randomize
+from esr_deploy.zoo.training import calibration_image, deploy_spec, randomize
 
 TRAINING_FORMS = ["ecbsr_m4c16_x4", "fmen_train_x4", "rlfn_rep_x4", "repvgg_sr_x4", "dbb_sr_x4"]
 PARITY_FLOOR_DB = 70.0
@@ -28,10 +26,7 @@ PARITY_FLOOR_DB = 70.0
 def test_training_form_compiles_to_closed_form_deploy(name, tmp_path, sr_data_dir) -> None:
     recipe = find_recipe(name)
     model = recipe.build_model()
-    calibration = to_tensor(
-        load_validation_set(default_val_dir(), 4).pairs[0].lr, recipe.data_range
-    )
-    randomize(model, seed=0, calibration=calibration)
+    randomize(model, seed=0, calibration=calibration_image(recipe.data_range))
     ckpt = tmp_path / f"{name}.pth"
     torch.save({"state_dict": model.state_dict()}, ckpt)
 

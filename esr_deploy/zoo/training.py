@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from esr_deploy.data import load_validation_set, to_tensor
+from esr_deploy.paths import default_val_dir
 from esr_deploy.zoo.dbb_sr import DBBSR
 from esr_deploy.zoo.ecbsr import ECBSR
 from esr_deploy.zoo.fmen_train import FMENTrain
@@ -45,7 +47,13 @@ from esr_deploy.zoo.reparam_blocks import Conv1x1FixedFilter
 from esr_deploy.zoo.repvgg_sr import RepVGGSR
 from esr_deploy.zoo.rlfn_rep import RLFNRep
 
-__all__ = ["TRAINING_ARCHITECTURES", "DeploySpec", "deploy_spec", "randomize"]
+__all__ = [
+    "TRAINING_ARCHITECTURES",
+    "DeploySpec",
+    "calibration_image",
+    "deploy_spec",
+    "randomize",
+]
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,14 @@ def _uniform(shape: torch.Size, lo: float, hi: float, g: torch.Generator) -> tor
 
 def _normal(shape: torch.Size, std: float, g: torch.Generator) -> torch.Tensor:
     return std * torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def calibration_image(data_range: float) -> torch.Tensor:
+    """A real LR image as a model input in ``[0, data_range]`` (the first x4 LR image of the
+    packaged validation set): BatchNorm statistics calibrated on it keep random-weight
+    models well conditioned (``randomize(..., calibration=...)``)."""
+    lr = load_validation_set(default_val_dir(), 4).pairs[0].lr
+    return to_tensor(lr, data_range)
 
 
 def randomize(model: nn.Module, seed: int, *, calibration: torch.Tensor | None = None) -> nn.Module:

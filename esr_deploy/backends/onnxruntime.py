@@ -4,6 +4,19 @@ Build = let ONNX Runtime apply all of its graph optimisations (constant folding,
 Conv+activation fusion, NCHWc layout transforms for this CPU) once, and save the optimised
 graph as the engine. The optimised graph may contain layout-specific contrib ops, so the
 manifest records the CPU it was built on; loading it runs no further optimisation.
+
+Precisions:
+
+- ``fp32``: the exported graph.
+- ``int8``: the explicit Q/DQ graph of :mod:`esr_deploy.precision.int8`, *lowered* for x86
+  first (:func:`lower_int8_activations`): ONNX Runtime fuses ``DQ → Conv → Q`` into
+  ``QLinearConv`` on x86 only for uint8 activations (its u8×s8 kernels), so every activation
+  Q/DQ pair with int8 zero point 0 is rewritten to uint8 with zero point 128. This is exact:
+  ``clip(round(x/s) + 128, 0, 255) = clip(round(x/s), -128, 127) + 128`` and the DQ subtracts
+  the 128 back. Weights stay int8.
+- ``fp16``: available only where ONNX Runtime has native float16 Conv kernels for this CPU
+  (:func:`native_fp16`); on x86 it wraps float16 Convs in Casts to float32, which is slower
+  than fp32 and not a float16 engine, so the target is refused with that reason.
 """
 
 from __future__ import annotations
@@ -11,11 +24,14 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
 from esr_deploy.errors import BundleError, ExportError
@@ -28,7 +44,7 @@ except ImportError:  # pragma: no cover - onnxruntime is a core dependency
     ort = None
 
 ENGINE_FILE = "engine.onnx"
-SUPPORTED_PRECISIONS = ("fp32",)
+SUPPORTED_PRECISIONS = ("fp32", "int8", "fp16")
 
 
 def default_threads() -> int:
@@ -71,9 +87,100 @@ def cpu_info() -> dict[str, Any]:
     return info
 
 
+def lower_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with int8/zero-point-0 activation Q/DQ pairs as uint8/zero-point-128
+    (see the module docstring); weight DequantizeLinear nodes (int8 initializers) are kept."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
+    quantized = set()
+    lowered: dict[str, str] = {}
+
+    def lower(node: onnx.NodeProto) -> None:
+        if len(node.input) < 3 or node.input[2] not in inits:
+            return
+        zp = numpy_helper.to_array(inits[node.input[2]])
+        if zp.dtype != np.int8 or zp.size != 1 or int(zp.reshape(-1)[0]) != 0:
+            return
+        name = node.input[2]
+        if name not in lowered:
+            lowered[name] = f"{name}_uint8"
+            graph.initializer.append(
+                numpy_helper.from_array(np.array(128, dtype=np.uint8), lowered[name])
+            )
+        node.input[2] = lowered[name]
+
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            lower(node)
+            quantized.add(node.output[0])
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in quantized:
+            lower(node)
+    del graph.value_info[:]
+    return out
+
+
+def native_fp16() -> Availability:
+    """Whether ONNX Runtime runs a float16 Conv natively on this CPU (no Casts inserted)."""
+    global _NATIVE_FP16
+    if _NATIVE_FP16 is not None:
+        return _NATIVE_FP16
+    w = numpy_helper.from_array(np.ones((4, 4, 3, 3), dtype=np.float16), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "fp16_probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [1, 4, 8, 8])],
+        [w],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    if "Cast" in ops:
+        _NATIVE_FP16 = Availability(
+            False,
+            f"ONNX Runtime {ort.__version__} has no float16 Conv kernel for this CPU (it wraps "
+            "float16 Convs in Casts to float32: slower than fp32 and not a float16 engine); "
+            "--target onnx-fp16 makes and checks the float16 ONNX here (for TensorRT), "
+            "ort-int8 is the fast reduced-precision CPU target",
+        )
+    else:
+        _NATIVE_FP16 = Availability(True)
+    return _NATIVE_FP16
+
+
+_NATIVE_FP16: Availability | None = None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def cpu_session(model: Path | bytes, threads: int | None = None, optimize: bool = True) -> Any:
+    """A plain ONNX Runtime CPU session on ``model`` (a path or serialized ONNX), for the
+    compiler's own checks (export verification, calibration, precision searches): basic
+    graph optimisations only, so the graph that runs is the graph that was given."""
+    if ort is None:  # pragma: no cover - onnxruntime is a core dependency
+        raise ExportError("onnxruntime is not installed — pip install onnxruntime")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 class OrtSession(EngineSession):
@@ -96,6 +203,8 @@ class OnnxRuntimeCPU(Backend):
             return Availability(
                 False, f"{precision} is not implemented for ONNX Runtime CPU in this version"
             )
+        if precision == "fp16":
+            return native_fp16()
         return Availability(True)
 
     def version(self) -> str:
@@ -117,10 +226,11 @@ class OnnxRuntimeCPU(Backend):
         threads = default_threads()
         opts = self._options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         opts.optimized_model_filepath = str(bundle_dir / ENGINE_FILE)
+        source: str | bytes = str(onnx_path)
+        if precision == "int8":
+            source = lower_int8_activations(onnx.load(str(onnx_path))).SerializeToString()
         try:
-            ort.InferenceSession(
-                str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ExportError(
                 f"ONNX Runtime {ort.__version__} could not build an engine from "
@@ -137,6 +247,10 @@ class OnnxRuntimeCPU(Backend):
             device=self.device(),
             settings={
                 "provider": "CPUExecutionProvider",
+                "precision": precision,
+                "int8_activations": "uint8 (lowered from int8, exact)"
+                if precision == "int8"
+                else None,
                 "graph_optimization_level": "ORT_ENABLE_ALL",
                 "intra_op_num_threads": threads,
                 "inter_op_num_threads": 1,

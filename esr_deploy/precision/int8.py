@@ -1,0 +1,297 @@
+"""``int8``: explicit QuantizeLinear/DequantizeLinear on an fp32 ONNX graph.
+
+Quantisation is *simulated* in the graph (Q/DQ pairs), so one ONNX serves every runtime:
+TensorRT builds a strongly typed network from it and fuses the pairs into int8 kernels,
+ONNX Runtime CPU fuses ``DQ → Conv → Q`` into ``QLinearConv`` and the like, and any runtime
+can check it in float.
+
+**Activations**, per tensor, symmetric (zero point 0, as TensorRT requires)::
+
+    s = amax / 127,   q = clip(round(x / s), -128, 127),   x̂ = s · q
+
+``amax`` comes from calibration (:mod:`esr_deploy.precision.calibration`: min-max,
+percentile or entropy). **Weights** of Conv/ConvTranspose, per output channel ``c``, narrow
+symmetric range::
+
+    s_c = max |W_c| / 127,   W_q = clip(round(W / s_c), -127, 127)   (stored as int8 + DQ)
+
+Biases stay float32 (TensorRT quantises them itself).
+
+**Placement.** A node is *quantised* when its type has int8 kernels
+(:data:`WEIGHTED_OPS`, :data:`ELEMENTWISE_OPS`, :data:`SCALE_PRESERVING_OPS`), all its float
+inputs are activations, and it is not excluded. An activation tensor gets one Q/DQ pair,
+when at least one consumer is quantised and its producer is not excluded; each consumer reads
+its own DequantizeLinear, and excluded (higher-precision) nodes read the float tensor.
+The outputs of :data:`SCALE_PRESERVING_OPS` (max-pool, resize, pixel shuffle, reshapes)
+reuse their input's scale, so runtimes can run them on int8 data directly. Graph outputs
+stay float32.
+
+Preconditions: opset ≥ 13 (per-axis DequantizeLinear), float32 graph, unique tensor names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from esr_deploy.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+INT8_MAX = 127
+#: op type → (index of the weight input, output-channel axis of that weight)
+WEIGHTED_OPS: Mapping[str, tuple[int, int]] = {"Conv": (1, 0), "ConvTranspose": (1, 1)}
+#: ops with int8 kernels whose output gets its own calibrated scale
+ELEMENTWISE_OPS = frozenset(
+    {"Add", "Mul", "LeakyRelu", "Sigmoid", "Concat", "AveragePool", "GlobalAveragePool"}
+)
+#: ops that move or select values: their output reuses the input's scale
+SCALE_PRESERVING_OPS = frozenset(
+    {
+        "MaxPool",
+        "Resize",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Split",
+        "Slice",
+    }
+)
+QUANTIZABLE_OPS = frozenset(WEIGHTED_OPS) | ELEMENTWISE_OPS | SCALE_PRESERVING_OPS
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    model: onnx.ModelProto
+    quantized_nodes: tuple[str, ...]
+    excluded: tuple[str, ...]
+    quantized_tensors: int
+    int8_weights: int
+    scales: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantized_nodes": len(self.quantized_nodes),
+            "quantized_tensors": self.quantized_tensors,
+            "int8_weights": self.int8_weights,
+            "kept_float": list(self.excluded),
+        }
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes all have unique names (``<op>_<index>`` for unnamed/duplicates)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    seen: set[str] = set()
+    for i, node in enumerate(out.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return out
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes the pass would quantise with nothing excluded (see the module docstring)."""
+    initializers = {i.name for i in model.graph.initializer}
+    constants = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZABLE_OPS:
+            continue
+        data = _data_inputs(node)
+        if node.op_type in WEIGHTED_OPS:
+            if len(node.input) < 2 or node.input[1] not in initializers:
+                continue  # weights computed at run time: left float
+        elif any(i in initializers or i in constants for i in data):
+            continue  # a constant operand (mean shift, scale): left float
+        out.append(node)
+    return out
+
+
+def _data_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs that carry activations: the first for weighted and scale-preserving ops (the
+    others are weights, shapes, scales or pads), all for the element-wise ops."""
+    if node.op_type in WEIGHTED_OPS or node.op_type in SCALE_PRESERVING_OPS:
+        return [node.input[0]]
+    return [i for i in node.input if i]
+
+
+def weight_conv_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the quantisable weighted nodes, in graph order."""
+    return [n.name for n in quantizable_nodes(model) if n.op_type in WEIGHTED_OPS]
+
+
+def sensitivity_candidates(model: onnx.ModelProto) -> list[str]:
+    """Nodes whose quantisation adds error of its own, in graph order: weighted layers and
+    element-wise ops (scale-preserving ops only move values already on an int8 grid)."""
+    return [n.name for n in quantizable_nodes(model) if n.op_type not in SCALE_PRESERVING_OPS]
+
+
+def _quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    amax = np.abs(moved).max(axis=1)
+    scale = np.where(amax > 0, amax / INT8_MAX, 1.0)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def quantize_int8(
+    model: onnx.ModelProto,
+    amax: Callable[[str], float],
+    exclude: Collection[str] = (),
+) -> Int8Result:
+    """Insert Q/DQ into ``model`` (nodes named, see :func:`name_nodes`).
+
+    ``amax(tensor)`` is the calibrated clipping threshold of an activation tensor of the
+    fp32 graph; ``exclude`` names nodes kept in float (the sensitivity search's choice).
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ExportError(
+            f"The int8 pass needs opset 13 or later (per-channel DequantizeLinear); the graph "
+            f"has opset {opset} — re-export with a newer opset."
+        )
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    unknown = sorted(set(exclude) - {n.name for n in graph.node})
+    if unknown:
+        raise ExportError(
+            f"Nodes to keep in float not found in the graph: {', '.join(unknown[:5])} — "
+            "use the node names that `esr-deploy inspect` lists."
+        )
+    active = {n.name for n in quantizable_nodes(out)} - set(exclude)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    outputs = {o.name for o in graph.output}
+    graph_inputs = {i.name for i in graph.input}
+
+    # which activation tensors get a Q/DQ pair
+    quantized: list[str] = []
+    for node in graph.node:
+        if node.name not in active:
+            continue
+        for t in _data_inputs(node):
+            src = producer.get(t)
+            if t in outputs or (src is None and t not in graph_inputs):
+                continue
+            if src is None or src.name not in exclude:
+                quantized.append(t)
+    quantized = list(dict.fromkeys(quantized))
+
+    # scales: calibrated, or inherited through scale-preserving ops (in topological order)
+    scales: dict[str, float] = {}
+
+    def scale_of(t: str) -> float:
+        if t not in scales:
+            src = producer.get(t)
+            if src is not None and src.op_type in SCALE_PRESERVING_OPS and src.name in active:
+                scales[t] = scale_of(src.input[0])
+            else:
+                a = float(amax(t))
+                scales[t] = a / INT8_MAX if a > 0 else 1.0
+        return scales[t]
+
+    pairs: dict[str, list[onnx.NodeProto]] = {}  # tensor -> its Q and DQ nodes
+    weight_dq: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    zero = "int8_zero_point"
+    inits.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zero))
+    for t in quantized:
+        inits.append(numpy_helper.from_array(np.array(scale_of(t), dtype=np.float32), f"{t}_scale"))
+        pairs[t] = [
+            helper.make_node(
+                "QuantizeLinear", [t, f"{t}_scale", zero], [f"{t}_q"], name=f"{t}_QuantizeLinear"
+            )
+        ]
+
+    # one QuantizeLinear per tensor, one DequantizeLinear per consumer (a runtime fuses a DQ
+    # into the node it alone serves); excluded nodes keep reading the float tensor
+    for node in graph.node:
+        if node.name in exclude:
+            continue
+        for k, t in enumerate(node.input):
+            if t not in pairs:
+                continue
+            dq = f"{t}_dq{len(pairs[t]) - 1}"
+            pairs[t].append(
+                helper.make_node(
+                    "DequantizeLinear", [f"{t}_q", f"{t}_scale", zero], [dq], name=f"{dq}_node"
+                )
+            )
+            node.input[k] = dq
+
+    # weights: int8 initializers + per-channel DQ
+    init_by_name = {i.name: i for i in graph.initializer}
+    int8_weights = 0
+    for node in graph.node:
+        if node.name in active and node.op_type in WEIGHTED_OPS:
+            index, axis = WEIGHTED_OPS[node.op_type]
+            wname = node.input[index]
+            w = numpy_helper.to_array(init_by_name[wname])
+            q, sc = _quantize_weight(w, axis)
+            qname = f"{node.name}_weight_int8"
+            inits += [
+                numpy_helper.from_array(q, qname),
+                numpy_helper.from_array(sc, f"{qname}_scale"),
+                numpy_helper.from_array(np.zeros(sc.shape, dtype=np.int8), f"{qname}_zero_point"),
+            ]
+            weight_dq.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [qname, f"{qname}_scale", f"{qname}_zero_point"],
+                    [f"{qname}_dq"],
+                    name=f"{qname}_DequantizeLinear",
+                    axis=axis,
+                )
+            )
+            node.input[index] = f"{qname}_dq"
+            int8_weights += 1
+
+    # topological order: each Q/DQ pair right after its tensor's producer
+    ordered: list[onnx.NodeProto] = list(weight_dq)
+    for t in graph_inputs:
+        ordered += pairs.get(t, [])
+    for node in graph.node:
+        ordered.append(node)
+        for o in node.output:
+            ordered += pairs.get(o, [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + inits)
+    del graph.value_info[:]
+    out = onnx.shape_inference.infer_shapes(out)
+    onnx.checker.check_model(out, full_check=True)
+    log.info(
+        "int8: %d nodes quantised, %d tensors with Q/DQ, %d int8 weights, %d nodes in float",
+        len(active),
+        len(quantized),
+        int8_weights,
+        len(exclude),
+    )
+    return Int8Result(
+        model=out,
+        quantized_nodes=tuple(sorted(active)),
+        excluded=tuple(exclude),
+        quantized_tensors=len(quantized),
+        int8_weights=int8_weights,
+        scales={t: scales[t] for t in quantized},
+    )

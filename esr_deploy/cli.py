@@ -21,6 +21,7 @@ from rich.table import Table
 
 from esr_deploy import __version__
 from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
+from esr_deploy.precision import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 
 app = typer.Typer(
     name="esr-deploy",
@@ -219,6 +220,31 @@ def compile_cmd(
             "border (zero padding where the training form pads with a bias).",
         ),
     ] = False,
+    calib: Annotated[
+        Path | None,
+        typer.Option(
+            help="fp16/int8: folder of LR calibration images (default: the validation LR "
+            "images), each cropped to the profile's opt shape."
+        ),
+    ] = None,
+    calib_method: Annotated[
+        str, typer.Option(help=f"int8 activation thresholds: {', '.join(METHODS)}.")
+    ] = DEFAULT_METHOD,
+    calib_percentile: Annotated[
+        float, typer.Option(help="Percentile of |x| kept by --calib-method percentile.")
+    ] = DEFAULT_PERCENTILE,
+    keep_float: Annotated[
+        list[str] | None,
+        typer.Option(help="int8: keep this node in float (repeatable; ONNX node name)."),
+    ] = None,
+    no_search: Annotated[
+        bool,
+        typer.Option(
+            "--no-search",
+            help="int8: quantise every quantisable layer; skip the sensitivity search that "
+            "keeps the costliest layers in float until the PSNR budget is met.",
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
     ] = False,
@@ -234,6 +260,7 @@ def compile_cmd(
             ModelSource,
             compile_model,
         )
+        from esr_deploy.precision.apply import PrecisionOptions
         from esr_deploy.progress import RichProgress
 
         if latency_runs < 1 or large_runs < 1:
@@ -267,6 +294,13 @@ def compile_cmd(
             accept_border_drift=accept_border_drift,
             prune_ratio=prune_ratio,
             prune_to=prune_to,
+            precision=PrecisionOptions(
+                calib_dir=calib,
+                method=calib_method,
+                percentile=calib_percentile,
+                keep_float=tuple(keep_float or ()),
+                search=not no_search,
+            ),
         )
         result = compile_model(
             options,

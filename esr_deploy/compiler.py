@@ -9,6 +9,7 @@ into place only after every validation check passed (:mod:`esr_deploy.bundle`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import platform
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -48,6 +50,15 @@ from esr_deploy.export import (
 from esr_deploy.passes import DEFAULT_PASSES, build_passes
 from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult
 from esr_deploy.paths import default_val_dir
+from esr_deploy.precision.apply import (
+    PrecisionOnnx,
+    PrecisionOptions,
+    check_precision_options,
+    make_fp16,
+    make_int8,
+)
+from esr_deploy.precision.calibration import calibration_set
+from esr_deploy.precision.int8 import Int8Result
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import (
     DEFAULT_TOLERANCES,
@@ -77,6 +88,9 @@ DEFAULT_LATENCY_RUNS = 10
 #: warm-up apply in full to the smaller shapes. More runs at large shapes: --large-runs.
 LARGE_SHAPE_PIXELS = 512 * 512
 LARGE_SHAPE_RUNS = 2
+#: The ONNX at the target's precision (fp16 / Q/DQ int8) the engine is built from; TensorRT
+#: consumes it as is.
+PRECISION_ONNX = "model.onnx"
 #: Interleaved runs of the unpruned and the pruned engine for the lossy-pruning report.
 PRUNE_LATENCY_RUNS = 5
 
@@ -108,6 +122,7 @@ class CompileOptions:
     accept_border_drift: bool = False
     prune_ratio: float | None = None  # lossy prune-channels: fraction removed per group
     prune_to: int | None = None  # lossy prune-channels: channels kept per group
+    precision: PrecisionOptions = field(default_factory=PrecisionOptions)  # fp16/int8 targets
 
     @property
     def lossy_pruning(self) -> bool:
@@ -149,6 +164,7 @@ def check_options(options: CompileOptions) -> None:
         raise EsrDeployError(f"--prune-ratio must be between 0 and 1 (exclusive), got {ratio}.")
     if options.prune_to is not None and options.prune_to < 1:
         raise EsrDeployError(f"--prune-to must be at least 1 channel, got {options.prune_to}.")
+    check_precision_options(options.precision)
 
 
 def resolve_recipe(source: ModelSource, ckpt: LoadedCheckpoint) -> tuple[Recipe, str]:
@@ -382,6 +398,55 @@ def scratch_engine(
     return backend.load(folder / built.engine_file, built.settings), exported
 
 
+def memoized(reference: ReferenceRun) -> ReferenceRun:
+    """``reference`` computed once per distinct input (searches validate many candidates)."""
+    cache: dict[tuple[tuple[int, ...], bytes], Any] = {}
+
+    def run(x: torch.Tensor) -> Any:
+        key = (tuple(x.shape), hashlib.sha1(x.numpy().tobytes()).digest())
+        if key not in cache:
+            cache[key] = reference(x)
+        return cache[key]
+
+    return run
+
+
+def reduce_precision(
+    target: Target,
+    backend: Backend,
+    folder: Path,
+    fp32_onnx: Path,
+    recipe: Recipe,
+    sets: Sequence[ValidationSet],
+    min_hw: Sequence[int],
+    check: Callable[[EngineSession], list[SetResult]],
+    options: CompileOptions,
+    progress: Progress,
+) -> PrecisionOnnx:
+    """Write the fp16 or int8 ONNX of ``fp32_onnx`` into ``folder`` (see
+    :mod:`esr_deploy.precision.apply`); ``check`` validates an engine the way the compile
+    gates it, which is what the int8 sensitivity search stops on."""
+    calib = calibration_set(options.precision.calib_dir, sets, recipe, min_hw)
+    out = folder / PRECISION_ONNX
+    if target.precision == "fp16":
+        inputs = [model_input(p.lr, recipe).numpy() for s in sets for p in s.pairs]
+        return make_fp16(fp32_onnx, out, calib, inputs, options.precision, progress)
+
+    def accept(candidate: Int8Result) -> tuple[bool, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / PRECISION_ONNX
+            onnx.save(candidate.model, str(path))
+            built = backend.build(path, Path(tmp), target.precision)
+            results = check(backend.load(Path(tmp) / built.engine_file, built.settings))
+        detail = "; ".join(
+            f"{r.name}: drop {r.psnr_drop:.4f} dB, parity min {r.parity_min_psnr:.1f} dB"
+            for r in results
+        )
+        return not any(r.failures() for r in results), detail
+
+    return make_int8(fp32_onnx, out, calib, options.precision, accept, progress)
+
+
 def build_manifest(
     loaded: LoadedModel,
     target: Target,
@@ -482,7 +547,31 @@ def compile_model(
             max_hw=recipe.profile.max,
             input_range=input_range,
         )
-        built = backend.build(export.path, staged.dir, target.precision)
+        reference = memoized(loaded.model)
+
+        def check(session: EngineSession, quiet: bool = True) -> list[SetResult]:
+            shown = NullProgress() if quiet else progress
+            return [
+                evaluate_set(s, reference, session.run, recipe, tolerance, shown, parity_reference)
+                for s in sets
+            ]
+
+        source, precision_info = export.path, None
+        if target.precision != "fp32":
+            reduced = reduce_precision(
+                target,
+                backend,
+                staged.dir,
+                export.path,
+                recipe,
+                sets,
+                input_range.min_hw,
+                check,
+                options,
+                progress,
+            )
+            source, precision_info = reduced.path, reduced.info
+        built = backend.build(source, staged.dir, target.precision)
         engine_info = {
             "file": built.engine_file,
             "backend_version": built.backend_version,
@@ -490,13 +579,10 @@ def compile_model(
             "settings": dict(built.settings),
         }
         session = backend.load(staged.dir / built.engine_file, built.settings)
-        results = [
-            evaluate_set(
-                s, loaded.model, session.run, recipe, tolerance, progress, parity_reference
-            )
-            for s in sets
-        ]
+        results = check(session, quiet=False)
         shapes = _usable_shapes(options.latency_shapes, export)
+        if not backend.measures_latency:
+            shapes = []
         latency = measure_engine_latency(
             session,
             shapes,
@@ -533,6 +619,8 @@ def compile_model(
             metrics,
             pass_results,
         )
+        if precision_info is not None:
+            manifest["precision_onnx"] = precision_info
         pruning = pruning_report(
             deployed, options, results, backend, recipe, input_range, shapes, session
         )

@@ -24,12 +24,21 @@ class Target:
 
 TARGETS: tuple[Target, ...] = (
     Target("ort-fp32", "onnxruntime", "fp32", "ONNX Runtime CPU, float32"),
+    Target("ort-int8", "onnxruntime", "int8", "ONNX Runtime CPU, explicit Q/DQ int8 (QLinearConv)"),
+    Target("ort-fp16", "onnxruntime", "fp16", "ONNX Runtime CPU, float16 (CPUs with fp16 kernels)"),
+    Target(
+        "onnx-fp16",
+        "portable",
+        "fp16",
+        "float16 ONNX for TensorRT, checked here with float16 rounding emulated",
+    ),
+    Target("onnx-int8", "portable", "int8", "explicit Q/DQ int8 ONNX for TensorRT, checked here"),
     Target("trt-fp32", "tensorrt", "fp32", "TensorRT, float32"),
     Target("trt-fp16", "tensorrt", "fp16", "TensorRT, strongly typed float16 ONNX"),
     Target("trt-int8", "tensorrt", "int8", "TensorRT, explicit Q/DQ int8 ONNX"),
 )
 
-_BACKEND_CLASSES = {"onnxruntime": "OnnxRuntimeCPU"}
+_BACKEND_CLASSES = {"onnxruntime": "OnnxRuntimeCPU", "portable": "PortableOnnx"}
 
 
 def get_target(name: str) -> Target:

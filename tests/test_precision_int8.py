@@ -125,8 +125,13 @@ def test_thresholds_minmax_percentile_entropy() -> None:
     assert p == pytest.approx(np.quantile(np.abs(values), 0.999), rel=0.02)
     e = threshold(s, "entropy")
     assert 1.0 < e < 40.0  # clips the outlier, keeps the bulk of the distribution
+    m = threshold(s, "mse")
+    # clips part of the way: one value's clipping error against every value's rounding error
+    assert p < m < 0.6 * 80.0
+    bounded = _stats_of(rng.uniform(-1.0, 1.0, size=100_000))
+    assert threshold(bounded, "mse") == pytest.approx(1.0, abs=0.01)  # nothing to clip
     with pytest.raises(DataError, match="Unknown calibration method"):
-        threshold(s, "mse")
+        threshold(s, "median")
 
 
 # -- calibration -----------------------------------------------------------------------------

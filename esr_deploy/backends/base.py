@@ -45,6 +45,8 @@ class Backend(ABC):
     """One runtime (ONNX Runtime CPU, TensorRT, ...)."""
 
     name: str
+    #: False for backends whose engine is a hand-off artefact checked by emulation
+    measures_latency: bool = True
 
     @abstractmethod
     def availability(self, precision: str) -> Availability: ...

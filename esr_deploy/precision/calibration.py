@@ -45,6 +45,7 @@ import onnx
 
 from esr_deploy.data import IMAGE_EXTENSIONS, ValidationSet, read_image
 from esr_deploy.errors import DataError
+from esr_deploy.precision import DEFAULT_PERCENTILE, METHODS
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import Recipe
 from esr_deploy.validate.parity import model_input
@@ -53,9 +54,6 @@ log = logging.getLogger(__name__)
 
 HIST_BINS = 2048
 CACHE_VERSION = "calibration-v1"
-METHODS = ("minmax", "percentile", "entropy", "mse")
-DEFAULT_METHOD = "mse"
-DEFAULT_PERCENTILE = 99.999
 #: Quantised levels on one side of zero for symmetric int8.
 INT8_LEVELS = 127
 _ENTROPY_LEVELS = 128

@@ -98,6 +98,7 @@ def render_report(manifest: Mapping[str, Any]) -> str:
             )
     else:
         lines.append("No graph passes were applied.")
+    lines += _precision_lines(m.get("precision_onnx"))
     ex = m["export"]
     lines += [
         "",
@@ -113,6 +114,46 @@ def render_report(manifest: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _precision_lines(p: Mapping[str, Any] | None) -> list[str]:
+    """What the fp16/int8 ONNX is: calibration, and what stayed in higher precision and why."""
+    if not p:
+        return []
+    cal = p["calibration"]
+    method = f", thresholds: {cal['method']}" if cal.get("method") else ""
+    lines = [
+        "",
+        f"## Precision: {p['precision']} (`{p['onnx']}`)",
+        "",
+        f"- calibration: {cal['images']} images from {cal['source']}{method}"
+        f" (statistics {'read from the cache' if cal['from_cache'] else 'measured'})",
+    ]
+    if p["precision"] == "fp16":
+        kept = p["fp16"]["kept_float32"]
+        lines.append(
+            f"- largest |x| of a float16 tensor on the validation images: "
+            f"{p['fp16_max_abs_on_validation']:.4g} (`{p['fp16_max_abs_tensor']}`)"
+        )
+        lines.append(f"- ops kept in float32: {len(kept) or 'none'}")
+        lines += [f"  - `{k['node']}` ({k['op_type']}): {k['reason']}" for k in kept]
+    else:
+        lines.append(f"- activations: {p['activations']}; weights: {p['weights']}")
+        search = p.get("search")
+        kept = search["kept_float"] if search else []
+        forced = p.get("kept_float_by_user", [])
+        lines.append(
+            f"- kept in float by the sensitivity search: {len(kept) or 'none'}"
+            + (f"; by --keep-float: {', '.join(forced)}" if forced else "")
+        )
+        lines += [f"  - `{k['node']}` (error removed: {k['mse_gain']:.3g})" for k in kept]
+        if search:
+            lines.append("- search steps (layers in float → result):")
+            lines += [
+                f"  - {s['kept_float']}: {'pass' if s['passed'] else 'fail'} ({s['detail']})"
+                for s in search["steps"]
+            ]
+    return lines
 
 
 def write_report(path: Path, manifest: Mapping[str, Any]) -> None:

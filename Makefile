@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench zoo reparam prune lint clean
+.PHONY: install demo test test-gpu bench precision zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test-gpu: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/precision.py
+
+precision: install
+	$(BIN)/python bench/precision.py
 
 zoo: install
 	$(BIN)/python bench/zoo.py

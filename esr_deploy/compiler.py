@@ -14,7 +14,7 @@ import logging
 import platform
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -63,6 +63,7 @@ from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import (
     DEFAULT_TOLERANCES,
     Recipe,
+    ShapeProfile,
     Tolerances,
     describe_closest,
     detect_recipe,
@@ -394,8 +395,13 @@ def scratch_engine(
     exported = export_onnx(
         model, folder / "model.onnx", recipe.scale, recipe.data_range, input_range=input_range
     )
-    built = backend.build(exported.path, folder, "fp32")
+    built = backend.build(exported.path, folder, "fp32", engine_profile(recipe, input_range))
     return backend.load(folder / built.engine_file, built.settings), exported
+
+
+def engine_profile(recipe: Recipe, input_range: InputRange) -> ShapeProfile:
+    """The recipe's shape profile with the smallest input the exporter derived."""
+    return replace(recipe.profile, min=input_range.min_hw)
 
 
 def memoized(reference: ReferenceRun) -> ReferenceRun:
@@ -418,7 +424,7 @@ def reduce_precision(
     fp32_onnx: Path,
     recipe: Recipe,
     sets: Sequence[ValidationSet],
-    min_hw: Sequence[int],
+    profile: ShapeProfile,
     check: Callable[[EngineSession], list[SetResult]],
     options: CompileOptions,
     progress: Progress,
@@ -426,7 +432,8 @@ def reduce_precision(
     """Write the fp16 or int8 ONNX of ``fp32_onnx`` into ``folder`` (see
     :mod:`esr_deploy.precision.apply`); ``check`` validates an engine the way the compile
     gates it, which is what the int8 sensitivity search stops on."""
-    calib = calibration_set(options.precision.calib_dir, sets, recipe, min_hw)
+    assert profile.min is not None, "the exporter derives the minimum input first"
+    calib = calibration_set(options.precision.calib_dir, sets, recipe, profile.min)
     out = folder / PRECISION_ONNX
     if target.precision == "fp16":
         inputs = [model_input(p.lr, recipe).numpy() for s in sets for p in s.pairs]
@@ -436,7 +443,7 @@ def reduce_precision(
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / PRECISION_ONNX
             onnx.save(candidate.model, str(path))
-            built = backend.build(path, Path(tmp), target.precision)
+            built = backend.build(path, Path(tmp), target.precision, profile)
             results = check(backend.load(Path(tmp) / built.engine_file, built.settings))
         detail = "; ".join(
             f"{r.name}: drop {r.psnr_drop:.4f} dB, parity min {r.parity_min_psnr:.1f} dB"
@@ -565,13 +572,15 @@ def compile_model(
                 export.path,
                 recipe,
                 sets,
-                input_range.min_hw,
+                engine_profile(recipe, input_range),
                 check,
                 options,
                 progress,
             )
             source, precision_info = reduced.path, reduced.info
-        built = backend.build(source, staged.dir, target.precision)
+        built = backend.build(
+            source, staged.dir, target.precision, engine_profile(recipe, input_range)
+        )
         engine_info = {
             "file": built.engine_file,
             "backend_version": built.backend_version,

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from esr_deploy.recipe import ShapeProfile
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -59,7 +61,16 @@ class Backend(ABC):
         """This machine, described as the manifest records it (CPU flags, GPU name, ...)."""
 
     @abstractmethod
-    def build(self, onnx_path: Path, bundle_dir: Path, precision: str) -> BuiltEngine: ...
+    def build(
+        self,
+        onnx_path: Path,
+        bundle_dir: Path,
+        precision: str,
+        profile: ShapeProfile | None = None,
+    ) -> BuiltEngine:
+        """Build the engine for ``onnx_path`` into ``bundle_dir``. ``profile``: the LR sizes
+        it must accept (``min`` derived by the exporter), for backends that fix shapes at
+        build time (TensorRT optimisation profiles); others ignore it."""
 
     @abstractmethod
     def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession: ...

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
 from esr_deploy.errors import BundleError, ExportError
+from esr_deploy.recipe import ShapeProfile
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,13 @@ class OnnxRuntimeCPU(Backend):
         opts.log_severity_level = 3
         return opts
 
-    def build(self, onnx_path: Path, bundle_dir: Path, precision: str) -> BuiltEngine:
+    def build(
+        self,
+        onnx_path: Path,
+        bundle_dir: Path,
+        precision: str,
+        profile: ShapeProfile | None = None,
+    ) -> BuiltEngine:
         threads = default_threads()
         opts = self._options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         opts.optimized_model_filepath = str(bundle_dir / ENGINE_FILE)

@@ -25,6 +25,7 @@ import onnx
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
 from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU, OrtSession, cpu_info, cpu_session
+from esr_deploy.recipe import ShapeProfile
 
 SUPPORTED_PRECISIONS = ("fp16", "int8")
 
@@ -48,7 +49,13 @@ class PortableOnnx(Backend):
     def device(self) -> dict[str, Any]:
         return {"kind": "portable", "checked_on": cpu_info()}
 
-    def build(self, onnx_path: Path, bundle_dir: Path, precision: str) -> BuiltEngine:
+    def build(
+        self,
+        onnx_path: Path,
+        bundle_dir: Path,
+        precision: str,
+        profile: ShapeProfile | None = None,
+    ) -> BuiltEngine:
         target = bundle_dir / onnx_path.name
         if onnx_path.resolve() != target.resolve():
             shutil.copyfile(onnx_path, target)

@@ -20,8 +20,12 @@ Biases stay float32 (TensorRT quantises them itself).
 **Placement.** A node is *quantised* when its type has int8 kernels
 (:data:`WEIGHTED_OPS`, :data:`ELEMENTWISE_OPS`, :data:`SCALE_PRESERVING_OPS`), all its float
 inputs are activations, and it is not excluded. An activation tensor gets one Q/DQ pair,
-when at least one consumer is quantised and its producer is not excluded; each consumer reads
-its own DequantizeLinear, and excluded (higher-precision) nodes read the float tensor.
+when at least one consumer is quantised; each quantised consumer reads its own
+DequantizeLinear, and nodes kept in float read the float tensor. Keeping a node in float
+therefore keeps its own computation (weights, inputs) in float; its output is still
+quantised for consumers that run in int8, so they keep their int8 kernels. Scale-preserving
+ops fed by a float node stay float too (otherwise the pixel shuffle after a conv kept in
+float would quantise that conv's output anyway).
 The outputs of :data:`SCALE_PRESERVING_OPS` (max-pool, resize, pixel shuffle, reshapes)
 reuse their input's scale, so runtimes can run them on int8 data directly. Graph outputs
 stay float32.
@@ -172,8 +176,16 @@ def quantize_int8(
             f"Nodes to keep in float not found in the graph: {', '.join(unknown[:5])} — "
             "use the node names that `esr-deploy inspect` lists."
         )
-    active = {n.name for n in quantizable_nodes(out)} - set(exclude)
     producer = {o: n for n in graph.node for o in n.output}
+    # nodes in float: the excluded ones, and scale-preserving ops fed by a float node (they
+    # would otherwise quantise an excluded layer's output, e.g. the last conv's via the
+    # pixel shuffle)
+    in_float = set(exclude)
+    for node in graph.node:
+        src = producer.get(node.input[0]) if node.input else None
+        if node.op_type in SCALE_PRESERVING_OPS and src is not None and src.name in in_float:
+            in_float.add(node.name)
+    active = {n.name for n in quantizable_nodes(out)} - in_float
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for i in node.input:
@@ -190,8 +202,7 @@ def quantize_int8(
             src = producer.get(t)
             if t in outputs or (src is None and t not in graph_inputs):
                 continue
-            if src is None or src.name not in exclude:
-                quantized.append(t)
+            quantized.append(t)
     quantized = list(dict.fromkeys(quantized))
 
     # scales: calibrated, or inherited through scale-preserving ops (in topological order)
@@ -223,7 +234,7 @@ def quantize_int8(
     # one QuantizeLinear per tensor, one DequantizeLinear per consumer (a runtime fuses a DQ
     # into the node it alone serves); excluded nodes keep reading the float tensor
     for node in graph.node:
-        if node.name in exclude:
+        if node.name in in_float:
             continue
         for k, t in enumerate(node.input):
             if t not in pairs:

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from esr_deploy.backends.onnxruntime import ENGINE_FILE, OnnxRuntimeCPU, cpu_info
+from esr_deploy.backends.onnxruntime import ENGINE_FILE, OnnxRuntimeCPU, cpu_info, native_fp16
 from esr_deploy.errors import ExportError
 
 
@@ -46,9 +46,15 @@ def test_unsupported_op_names_the_node(tmp_path) -> None:
     assert not (tmp_path / ENGINE_FILE).exists()
 
 
-def test_precisions_other_than_fp32_are_unavailable_with_reason() -> None:
-    status = OnnxRuntimeCPU().availability("int8")
-    assert not status.ok and "int8" in status.reason
+def test_precision_availability_int8_yes_bf16_no_fp16_only_with_native_kernels() -> None:
+    backend = OnnxRuntimeCPU()
+    assert backend.availability("int8").ok
+    status = backend.availability("bf16")
+    assert not status.ok and "bf16" in status.reason
+    fp16 = backend.availability("fp16")
+    assert fp16 == native_fp16()
+    if not fp16.ok:  # x86: ONNX Runtime wraps float16 Convs in Casts to float32
+        assert "no float16 Conv kernel" in fp16.reason and "onnx-fp16" in fp16.reason
 
 
 def test_cpu_info_reports_model_and_flags() -> None:

@@ -32,7 +32,6 @@ from esr_deploy.bundle import (
     REPORT,
     SCHEMA_VERSION,
     StagedBundle,
-    check_device,
     check_writable,
     load_bundle,
 )
@@ -704,7 +703,7 @@ def validate_bundle(
     bundle = load_bundle(bundle_path)
     manifest = dict(bundle.manifest)
     target, backend = require_available(manifest["target"])
-    check_device(manifest, backend.version(), backend.device())
+    backend.check_engine(manifest)
     recipe = recipe_from_manifest(manifest)
     reference, reference_kind = _reference_from_manifest(manifest, bundle.path, checkpoint)
     session = backend.load(bundle.engine_path, manifest["engine"]["settings"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -24,3 +25,13 @@ def default_val_dir() -> Path:
 def example_checkpoint() -> Path:
     """The bundled example checkpoint used by ``make demo`` (official RLFN x4 weights)."""
     return ASSETS_DIR / "rlfn_x4.pth"
+
+
+def cache_root() -> Path:
+    """Caches (calibration statistics, TensorRT timing caches): ``$ESR_DEPLOY_CACHE``, else
+    ``$XDG_CACHE_HOME/esr-deploy``, else ``~/.cache/esr-deploy``."""
+    if os.environ.get("ESR_DEPLOY_CACHE"):
+        return Path(os.environ["ESR_DEPLOY_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "esr-deploy"
+    return Path.home() / ".cache" / "esr-deploy"

@@ -20,6 +20,7 @@ class Target:
     backend: str  # module under esr_deploy.backends
     precision: str
     description: str
+    variant: str | None = None  # constructor argument of the backend class, if any
 
 
 TARGETS: tuple[Target, ...] = (
@@ -33,12 +34,34 @@ TARGETS: tuple[Target, ...] = (
         "float16 ONNX for TensorRT, checked here with float16 rounding emulated",
     ),
     Target("onnx-int8", "portable", "int8", "explicit Q/DQ int8 ONNX for TensorRT, checked here"),
-    Target("trt-fp32", "tensorrt", "fp32", "TensorRT, float32"),
+    Target("trt-fp32", "tensorrt", "fp32", "TensorRT, float32 (TF32 off)"),
     Target("trt-fp16", "tensorrt", "fp16", "TensorRT, strongly typed float16 ONNX"),
     Target("trt-int8", "tensorrt", "int8", "TensorRT, explicit Q/DQ int8 ONNX"),
+    Target(
+        "ort-cuda-fp32", "onnxruntime_gpu", "fp32", "ONNX Runtime CUDA provider, float32", "cuda"
+    ),
+    Target(
+        "ort-cuda-fp16",
+        "onnxruntime_gpu",
+        "fp16",
+        "ONNX Runtime CUDA provider, float16 ONNX",
+        "cuda",
+    ),
+    Target(
+        "ort-trt-fp16",
+        "onnxruntime_gpu",
+        "fp16",
+        "ONNX Runtime TensorRT provider, float16 ONNX",
+        "tensorrt",
+    ),
 )
 
-_BACKEND_CLASSES = {"onnxruntime": "OnnxRuntimeCPU", "portable": "PortableOnnx"}
+_BACKEND_CLASSES = {
+    "onnxruntime": "OnnxRuntimeCPU",
+    "portable": "PortableOnnx",
+    "tensorrt": "TensorRT",
+    "onnxruntime_gpu": "OnnxRuntimeGPU",
+}
 
 
 def get_target(name: str) -> Target:
@@ -51,34 +74,15 @@ def get_target(name: str) -> Target:
     )
 
 
-def _tensorrt_availability() -> Availability:
-    """TensorRT needs the real library (not only ``tensorrt-stubs``) and a CUDA GPU."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        trt = None
-    if trt is None or not hasattr(trt, "Builder"):
-        seen = "only its type stubs are installed" if trt is not None else "it is not installed"
-        return Availability(
-            False,
-            f"TensorRT cannot be used: {seen} (TensorRT needs an NVIDIA GPU; pip install "
-            "'esr-deploy[tensorrt]' on a GPU machine)",
-        )
-    import torch
-
-    if not torch.cuda.is_available():
-        return Availability(False, "no CUDA GPU is visible to PyTorch on this machine")
-    return Availability(False, "the TensorRT backend is not implemented in this version")
-
-
 def backend_for(target: Target) -> Backend:
     module = importlib.import_module(f"esr_deploy.backends.{target.backend}")
-    return getattr(module, _BACKEND_CLASSES[target.backend])()  # type: ignore[no-any-return]
+    cls = getattr(module, _BACKEND_CLASSES[target.backend])
+    backend = cls(target.variant) if target.variant else cls()
+    assert isinstance(backend, Backend)
+    return backend
 
 
 def availability(target: Target) -> Availability:
-    if target.backend == "tensorrt":
-        return _tensorrt_availability()
     return backend_for(target).availability(target.precision)
 
 

@@ -74,3 +74,11 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession: ...
+
+    def check_engine(self, manifest: Mapping[str, Any]) -> None:
+        """Refuse a bundle's engine that this machine cannot run (raises ``BundleError`` with
+        what was expected and what was found). Default: same backend version, and a CPU with
+        the ISA flags the engine was optimised for."""
+        from esr_deploy.bundle import check_device
+
+        check_device(manifest, self.version(), self.device())

@@ -45,6 +45,7 @@ import onnx
 
 from esr_deploy.data import IMAGE_EXTENSIONS, ValidationSet, read_image
 from esr_deploy.errors import DataError
+from esr_deploy.paths import cache_root
 from esr_deploy.precision import DEFAULT_PERCENTILE, METHODS
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import Recipe
@@ -182,14 +183,6 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
         if name not in present:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     return probe.SerializeToString()
-
-
-def cache_root() -> Path:
-    """``$ESR_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/esr-deploy``, else ``~/.cache/esr-deploy``."""
-    if os.environ.get("ESR_DEPLOY_CACHE"):
-        return Path(os.environ["ESR_DEPLOY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "esr-deploy"
 
 
 def _cache_key(model: onnx.ModelProto, calib: CalibrationSet) -> str:

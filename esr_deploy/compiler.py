@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from esr_deploy import __version__
+from esr_deploy.auto import AUTO, compile_auto
 from esr_deploy.backends.base import Backend, EngineSession
 from esr_deploy.bundle import (
     REFERENCE_ONNX,
@@ -91,6 +92,9 @@ LARGE_SHAPE_RUNS = 2
 #: The ONNX at the target's precision (fp16 / Q/DQ int8) the engine is built from; TensorRT
 #: consumes it as is.
 PRECISION_ONNX = "model.onnx"
+#: Precisions whose engine is built from a precision ONNX (bf16 is a runtime setting applied
+#: to the fp32 ONNX).
+PRECISION_ONNX_PRECISIONS = ("fp16", "int8")
 #: Interleaved runs of the unpruned and the pruned engine for the lossy-pruning report.
 PRUNE_LATENCY_RUNS = 5
 
@@ -123,6 +127,7 @@ class CompileOptions:
     prune_ratio: float | None = None  # lossy prune-channels: fraction removed per group
     prune_to: int | None = None  # lossy prune-channels: channels kept per group
     precision: PrecisionOptions = field(default_factory=PrecisionOptions)  # fp16/int8 targets
+    auto_candidates: tuple[str, ...] | None = None  # --target auto: None = AUTO_CANDIDATES
 
     @property
     def lossy_pruning(self) -> bool:
@@ -526,6 +531,8 @@ def compile_model(
     progress = progress or NullProgress()
     torch.manual_seed(0)
     check_options(options)
+    if options.target == AUTO:
+        return compile_auto(options, progress, on_note)
     target, backend = require_available(options.target)
     if options.out is not None:
         check_writable(options.out)
@@ -563,7 +570,7 @@ def compile_model(
             ]
 
         source, precision_info = export.path, None
-        if target.precision != "fp32":
+        if target.precision in PRECISION_ONNX_PRECISIONS:
             reduced = reduce_precision(
                 target,
                 backend,

@@ -27,6 +27,9 @@ TARGETS: tuple[Target, ...] = (
     Target("ort-fp32", "onnxruntime", "fp32", "ONNX Runtime CPU, float32"),
     Target("ort-int8", "onnxruntime", "int8", "ONNX Runtime CPU, explicit Q/DQ int8 (QLinearConv)"),
     Target("ort-fp16", "onnxruntime", "fp16", "ONNX Runtime CPU, float16 (CPUs with fp16 kernels)"),
+    Target("ov-fp32", "openvino", "fp32", "OpenVINO CPU, float32"),
+    Target("ov-bf16", "openvino", "bf16", "OpenVINO CPU, bfloat16 (AVX-512 BF16 / AMX)"),
+    Target("ov-int8", "openvino", "int8", "OpenVINO CPU, explicit Q/DQ int8 ONNX"),
     Target(
         "onnx-fp16",
         "portable",
@@ -61,6 +64,7 @@ _BACKEND_CLASSES = {
     "portable": "PortableOnnx",
     "tensorrt": "TensorRT",
     "onnxruntime_gpu": "OnnxRuntimeGPU",
+    "openvino": "OpenVinoCPU",
 }
 
 
@@ -69,8 +73,9 @@ def get_target(name: str) -> Target:
         if target.name == name:
             return target
     raise EsrDeployError(
-        f"Unknown target '{name}' — targets are: {', '.join(t.name for t in TARGETS)} "
-        "(`esr-deploy targets` says which run here)."
+        f"Unknown target '{name}' — targets are: {', '.join(t.name for t in TARGETS)}, and "
+        "auto (the fastest CPU target that passes validation; `esr-deploy targets` says "
+        "which run here)."
     )
 
 

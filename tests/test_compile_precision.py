@@ -24,6 +24,7 @@ import torch
 from onnx import numpy_helper
 from test_cli import OUT, assert_refused, esr_deploy, one_error
 
+from esr_deploy.bundle import load_bundle
 from esr_deploy.compiler import (
     PRECISION_ONNX,
     CompileOptions,
@@ -250,3 +251,34 @@ def test_missed_int8_budget_exits_3_with_per_image_numbers(tmp_path: Path) -> No
         assert f"set5_crops/{image['name']}: parity PSNR {image['parity_psnr']:.2f} dB" in message
     assert "required 60.00 dB" in message and "nothing was written" in message
     assert not (tmp_path / OUT).exists()
+
+
+# -- --target auto ---------------------------------------------------------------------------
+
+
+def test_auto_keeps_the_fastest_target_that_passes_and_says_why(tmp_path: Path) -> None:
+    """ort-int8 without the search misses the int8 budget on RLFN: it is reported and left
+    out; the two fp32 engines pass and the faster one (timed side by side) is published."""
+    options = CompileOptions(
+        source=ModelSource(checkpoint=_example()),
+        target="auto",
+        out=tmp_path / "auto",
+        latency_shapes=((64, 64),),
+        latency_runs=2,
+        precision=PrecisionOptions(search=False, cache_dir=tmp_path / "cache"),
+        auto_candidates=("ort-int8", "ov-fp32", "ort-fp32"),
+    )
+    result = compile_model(options)
+    auto = result.manifest["auto"]
+    by_target = {c["target"]: c for c in auto["candidates"]}
+    assert set(by_target) == {"ort-int8", "ov-fp32", "ort-fp32"}
+    assert by_target["ort-int8"]["passed"] is False
+    assert "PSNR-Y drop" in by_target["ort-int8"]["failure"]
+    passed = {t: c["median_ms"] for t, c in by_target.items() if c.get("passed")}
+    assert set(passed) == {"ov-fp32", "ort-fp32"}
+    assert auto["chosen"] == min(passed, key=passed.__getitem__) == result.manifest["target"]
+    assert auto["chosen"] in auto["reason"] and "interleaved" in auto["reason"]
+    assert result.manifest["latency_ms"]["1x3x64x64"]["median"] > 0
+    bundle = load_bundle(result.bundle)  # checksums of the republished bundle hold
+    assert bundle.manifest["auto"] == auto
+    assert not list(tmp_path.glob("esr-deploy-auto-*"))

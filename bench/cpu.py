@@ -4,8 +4,9 @@ target, side by side in one run.
 Per model (official checkpoint): eager training form fp32, eager deploy form fp32 (after the
 default passes), eager deploy form with bf16 autocast and channels_last, ``torch.compile``
 of the same (bf16, channels_last), and the engine of every CPU target available here
-(compiled and validated on Set5 as ``esr-deploy compile`` does), plus what ``--target auto``
-picks among them. All are timed interleaved (one run of each in turn, repeated) at 256×256
+(compiled and validated on Set5 as ``esr-deploy compile --target auto`` does each candidate:
+every target held to auto's 0.02 dB PSNR-Y budget), plus what ``--target auto`` picks among
+them. All are timed interleaved (one run of each in turn, repeated) at 256×256
 and 720×1280 LR, so machine noise hits all alike; ratios are of medians from the same run.
 Set5 PSNR-Y and its drop against the fp32 model are measured for every variant. Results also
 go to bench/out/cpu.json.
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esr_deploy.auto import AUTO_CANDIDATES
+from esr_deploy.auto import AUTO_CANDIDATES, AUTO_MAX_PSNR_DROP
 from esr_deploy.bundle import load_bundle
 from esr_deploy.checkpoint import load_checkpoint, load_weights
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, load_sets, run_passes
@@ -100,6 +101,7 @@ def bench_model(name: str, runs: int, large_runs: int, compiled: bool) -> list[d
                         val_dirs=(SHARED / "data" / "sr" / "Set5",),
                         out=Path(tmp) / target,
                         latency_shapes=(),
+                        max_psnr_drop=AUTO_MAX_PSNR_DROP,
                     )
                 )
             except Exception as exc:  # a failed target is a row, not the end of the bench

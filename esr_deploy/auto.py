@@ -1,13 +1,18 @@
 """``--target auto``: the fastest CPU target that runs here and passes validation.
 
 Every available candidate of :data:`AUTO_CANDIDATES` is compiled and validated exactly as
-``compile --target <candidate>`` would (a candidate that misses its parity or PSNR budget is
-out, with its failure recorded). The engines that passed are then timed *interleaved*
-(candidate 1, 2, ..., 1, 2, ...) at the first latency shape (the NTIRE 256×256 by default),
-so that machine noise hits all of them alike, and the one with the lowest median wins. Its
-bundle is published with the usual latency measurements and an ``auto`` section in the
-manifest: every candidate, whether it passed (or why not, or why it could not run here), its
-median, and the sentence that says why the winner was chosen.
+``compile --target <candidate>`` would, with one quality budget for all: a PSNR-Y drop of at
+most :data:`AUTO_MAX_PSNR_DROP` (the bf16/fp16 budget; ``--max-drop`` changes it) on every
+validation set, so that the fastest target is not simply the one allowed to lose most (the
+int8 sensitivity search keeps as many layers in float as that budget needs). A candidate
+that misses its parity floor or the budget is out, with its failure recorded.
+
+The engines that passed are timed *interleaved* (candidate 1, 2, ..., 1, 2, ...) at the
+first latency shape (the NTIRE 256×256 by default), so that machine noise hits all of them
+alike, and the one with the lowest median wins. Its bundle is published with the usual
+latency measurements and an ``auto`` section in the manifest: every candidate, whether it
+passed (or why not, or why it could not run here), its median, the budget, and the sentence
+that says why the winner was chosen.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ AUTO = "auto"
 #: CPU targets ``auto`` considers, most promising first (the order only breaks exact ties).
 AUTO_CANDIDATES = ("ov-int8", "ort-int8", "ov-bf16", "ov-fp32", "ort-fp32")
 AUTO_RUNS = 7
+#: PSNR-Y drop budget (dB) every candidate must meet, unless --max-drop says otherwise.
+AUTO_MAX_PSNR_DROP = 0.02
 
 
 def compile_auto(
@@ -63,6 +70,7 @@ def compile_auto(
     if not runnable:
         raise EsrDeployError("No CPU target is available here for --target auto.")
     shape = options.latency_shapes[0] if options.latency_shapes else (256, 256)
+    budget = AUTO_MAX_PSNR_DROP if options.max_psnr_drop is None else options.max_psnr_drop
     with tempfile.TemporaryDirectory(prefix="esr-deploy-auto-") as tmp:
         passed: dict[str, Any] = {}
         for name in runnable:
@@ -70,7 +78,13 @@ def compile_auto(
                 on_note(f"auto: compiling {name}")
             try:
                 result = compile_model(
-                    replace(options, target=name, out=Path(tmp) / name, latency_shapes=()),
+                    replace(
+                        options,
+                        target=name,
+                        out=Path(tmp) / name,
+                        latency_shapes=(),
+                        max_psnr_drop=budget,
+                    ),
                     progress,
                     on_note if name == runnable[0] else None,
                 )
@@ -125,7 +139,12 @@ def compile_auto(
             progress,
             options.large_runs,
         )
-        manifest["auto"] = {"chosen": best, "reason": reason, "candidates": report}
+        manifest["auto"] = {
+            "chosen": best,
+            "reason": reason,
+            "max_psnr_drop": budget,
+            "candidates": report,
+        }
         destination = options.out or options.engines_dir / f"{manifest['name']}-{AUTO}"
         with StagedBundle(destination) as staged:
             for item in chosen.bundle.iterdir():

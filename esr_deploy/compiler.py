@@ -128,6 +128,9 @@ class CompileOptions:
     prune_to: int | None = None  # lossy prune-channels: channels kept per group
     precision: PrecisionOptions = field(default_factory=PrecisionOptions)  # fp16/int8 targets
     auto_candidates: tuple[str, ...] | None = None  # --target auto: None = AUTO_CANDIDATES
+    #: tighter PSNR-Y drop budget than the recipe's for this precision (dB); --target auto
+    #: holds every candidate to AUTO_MAX_PSNR_DROP unless given
+    max_psnr_drop: float | None = None
 
     @property
     def lossy_pruning(self) -> bool:
@@ -167,6 +170,8 @@ def check_options(options: CompileOptions) -> None:
     ratio = options.prune_ratio
     if ratio is not None and not 0.0 < ratio < 1.0:  # also refuses NaN
         raise EsrDeployError(f"--prune-ratio must be between 0 and 1 (exclusive), got {ratio}.")
+    if options.max_psnr_drop is not None and not options.max_psnr_drop >= 0.0:
+        raise EsrDeployError(f"--max-drop must be 0 dB or more, got {options.max_psnr_drop}.")
     if options.prune_to is not None and options.prune_to < 1:
         raise EsrDeployError(f"--prune-to must be at least 1 channel, got {options.prune_to}.")
     check_precision_options(options.precision)
@@ -546,6 +551,8 @@ def compile_model(
     check_writable(destination)
     sets = load_sets(options.val_dirs, recipe.scale)
     tolerance = recipe.tolerance(target.precision)
+    if options.max_psnr_drop is not None and options.max_psnr_drop < tolerance.max_psnr_drop:
+        tolerance = replace(tolerance, max_psnr_drop=options.max_psnr_drop)
 
     input_range = derive_input_range(loaded.model, recipe.scale)
     deployed = deploy_form(loaded, options, input_range, sets)

@@ -278,6 +278,7 @@ def test_auto_keeps_the_fastest_target_that_passes_and_says_why(tmp_path: Path) 
     assert set(passed) == {"ov-fp32", "ort-fp32"}
     assert auto["chosen"] == min(passed, key=passed.__getitem__) == result.manifest["target"]
     assert auto["chosen"] in auto["reason"] and "interleaved" in auto["reason"]
+    assert auto["max_psnr_drop"] == 0.02  # one budget for every candidate
     assert result.manifest["latency_ms"]["1x3x64x64"]["median"] > 0
     bundle = load_bundle(result.bundle)  # checksums of the republished bundle hold
     assert bundle.manifest["auto"] == auto

@@ -22,6 +22,9 @@ from rich.table import Table
 from esr_deploy import __version__
 from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
 from esr_deploy.precision import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
+from esr_deploy.validate.regression import DEFAULT_MAX_REGRESSION
+from esr_deploy.validate.regression import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
+from esr_deploy.validate.regression import DEFAULT_WARMUP as DEFAULT_BENCH_WARMUP
 
 app = typer.Typer(
     name="esr-deploy",
@@ -451,6 +454,102 @@ def validate(
             raise ValidationError("Validation failed — " + "; ".join(report["failures"]))
 
     _run(body, json_output=False)
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Engine bundle folder to time (the candidate).")],
+    shape: Annotated[
+        str | None,
+        typer.Option(help="LR shape HxW to time (default: the bundle profile's opt, 256x256)."),
+    ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reference bundle (e.g. the last release's engine), timed interleaved with "
+            "the candidate on the same input."
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="manifest.json of an earlier build: compare with the median it recorded at "
+            "this shape (meaningful only on the same machine type)."
+        ),
+    ] = None,
+    max_regression: Annotated[
+        str,
+        typer.Option(
+            help="Allowed slowdown, e.g. 10% or 0.1: exit 3 when the lower end of the ratio's "
+            "confidence interval exceeds 1 + this."
+        ),
+    ] = f"{DEFAULT_MAX_REGRESSION:.0%}",
+    runs: Annotated[int, typer.Option(help="Timed rounds.")] = DEFAULT_BENCH_RUNS,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = DEFAULT_BENCH_WARMUP,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON on stdout and nothing else.")
+    ] = False,
+) -> None:
+    """Time a bundle; with --against or --baseline, gate on a latency regression (exit 3)."""
+    _setup_logging(False)
+
+    def body() -> None:
+        from esr_deploy.validate.regression import (
+            BenchOptions,
+            bench_bundle,
+            compare_bundles,
+            compare_to_baseline,
+            parse_max_regression,
+            parse_shape,
+        )
+
+        if against is not None and baseline is not None:
+            raise EsrDeployError(
+                "--against and --baseline both given — compare with one reference: another "
+                "bundle (--against) or a recorded manifest (--baseline)."
+            )
+        options = BenchOptions(
+            shape=parse_shape(shape) if shape is not None else None,
+            runs=runs,
+            warmup=warmup,
+            max_regression=parse_max_regression(max_regression),
+        )
+        options.check()
+        if against is not None:
+            report = compare_bundles(bundle, against, options)
+        elif baseline is not None:
+            report = compare_to_baseline(bundle, baseline, options)
+        else:
+            report = bench_bundle(bundle, options)
+        for warning in report.warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        for note in report.notes:
+            err.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+        if not json_output:
+            kind = "interleaved rounds" if report.reference_kind == "bundle" else "runs"
+            table = Table(title=f"latency at {report.input_key} (ms), {report.runs} {kind}")
+            for col in ("", "engine", "median", "p10", "p90", "runs"):
+                table.add_column(col, justify="left" if col in ("", "engine") else "right")
+            sides = [report.candidate] + ([report.reference] if report.reference else [])
+            for side in sides:
+                role = side.role if side.measured else f"{side.role} (recorded)"
+                table.add_row(
+                    role,
+                    escape(f"{side.name} ({side.target})"),
+                    f"{side.stats.median_ms:.2f}",
+                    f"{side.stats.p10_ms:.2f}",
+                    f"{side.stats.p90_ms:.2f}",
+                    str(side.stats.runs),
+                )
+            out.print(table)
+            for side in sides:
+                out.print(f"{side.role}: {side.source}", highlight=False, markup=False)
+            out.print(report.verdict(), highlight=False, markup=False, soft_wrap=True)
+        report.raise_for_regression()  # with --json, _run prints the report as its details
+        if json_output:
+            sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+
+    _run(body, json_output)
 
 
 def main() -> None:

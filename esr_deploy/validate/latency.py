@@ -73,7 +73,7 @@ def measure_latency(
         times_ns[i] = _timed_ns(run)
         if on_step is not None:
             on_step()
-    return _summarise(times_ns)
+    return summarise(times_ns)
 
 
 def measure_interleaved(
@@ -92,7 +92,7 @@ def measure_interleaved(
     for r in range(rounds):
         for i, run in enumerate(runs):
             times_ns[i, r] = _timed_ns(run)
-    return [_summarise(t) for t in times_ns]
+    return [summarise(t) for t in times_ns]
 
 
 def _timed_ns(run: Callable[[], object]) -> int:
@@ -101,7 +101,7 @@ def _timed_ns(run: Callable[[], object]) -> int:
     return time.perf_counter_ns() - t0
 
 
-def _summarise(times_ns: np.ndarray) -> LatencyStats:
+def summarise(times_ns: np.ndarray) -> LatencyStats:
     ms = times_ns.astype(np.float64) / 1e6
     p10, median, p90 = np.percentile(ms, [10.0, 50.0, 90.0])
     stats = LatencyStats(

@@ -163,7 +163,13 @@ def _latency_table(manifest: dict[str, Any]) -> Table:
 def compile_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Trained checkpoint (.pth/.pt/.ckpt).")],
     target: Annotated[
-        str, typer.Option("--target", "-t", help="Target, e.g. ort-fp32.")
+        str,
+        typer.Option(
+            "--target",
+            "-t",
+            help="Target, e.g. ort-fp32, ov-int8, trt-fp16, or auto (the fastest CPU target "
+            "that passes validation here).",
+        ),
     ] = "ort-fp32",
     recipe: Annotated[
         str | None,
@@ -248,6 +254,20 @@ def compile_cmd(
             "keeps the costliest layers in float until the PSNR budget is met.",
         ),
     ] = False,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest PSNR-Y drop (dB) allowed on any validation set, if tighter than the "
+            "recipe's budget for the precision; --target auto holds every candidate to 0.02."
+        ),
+    ] = None,
+    auto_candidates: Annotated[
+        str | None,
+        typer.Option(
+            help="--target auto: comma-separated targets to choose from (default: "
+            "ov-int8,ort-int8,ov-bf16,ov-fp32,ort-fp32, those available here)."
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
     ] = False,
@@ -304,6 +324,12 @@ def compile_cmd(
                 keep_float=tuple(keep_float or ()),
                 search=not no_search,
             ),
+            max_psnr_drop=max_drop,
+            auto_candidates=(
+                tuple(t.strip() for t in auto_candidates.split(",") if t.strip())
+                if auto_candidates
+                else None
+            ),
         )
         result = compile_model(
             options,
@@ -314,6 +340,9 @@ def compile_cmd(
             sys.stdout.write(json.dumps(result.manifest, indent=2) + "\n")
             return
         out.print(_summary(result.manifest, result.bundle))
+        if "auto" in result.manifest:
+            auto = result.manifest["auto"]
+            out.print(f"auto chose {auto['chosen']}: {auto['reason']}", highlight=False)
         if result.manifest["latency_ms"]:
             out.print(_latency_table(result.manifest))
         out.print(f"bundle: {result.bundle}")

@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench precision zoo reparam prune lint clean
+.PHONY: install demo test test-gpu bench cpu-bench precision zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,12 @@ test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench: install
+	$(BIN)/python bench/cpu.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/precision.py
+
+cpu-bench: install
+	$(BIN)/python bench/cpu.py
 
 precision: install
 	$(BIN)/python bench/precision.py

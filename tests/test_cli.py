@@ -232,15 +232,16 @@ def test_unknown_target(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
-def test_unavailable_target_fails_before_any_work(tmp_path: Path) -> None:
-    status = availability(get_target("trt-fp16"))
+@pytest.mark.parametrize("target", ["trt-fp16", "trt-int8", "ort-cuda-fp32", "ort-trt-fp16"])
+def test_unavailable_target_fails_before_any_work(tmp_path: Path, target: str) -> None:
+    status = availability(get_target(target))
     if status.ok:
-        pytest.skip("trt-fp16 runs on this machine")
-    run = esr_deploy("compile", RLFN, "--target", "trt-fp16", "--out", OUT, cwd=tmp_path)
+        pytest.skip(f"{target} runs on this machine")
+    run = esr_deploy("compile", RLFN, "--target", target, "--out", OUT, cwd=tmp_path)
     assert_refused(
         run,
         4,
-        ["'trt-fp16' cannot run on this machine", status.reason, "available here: ort-fp32"],
+        [f"'{target}' cannot run on this machine", status.reason, "available here: ort-fp32"],
         tmp_path,
     )
     assert run.seconds < 20, f"took {run.seconds:.1f} s: the target must be checked first"
@@ -248,7 +249,7 @@ def test_unavailable_target_fails_before_any_work(tmp_path: Path) -> None:
     # The target is checked before the checkpoint is even opened.
     damaged = tmp_path / "damaged.pth"
     damaged.write_bytes(b"\x80\x02garbage")
-    run = esr_deploy("compile", damaged, "--target", "trt-fp16", "--out", OUT, cwd=tmp_path)
+    run = esr_deploy("compile", damaged, "--target", target, "--out", OUT, cwd=tmp_path)
     assert_refused(run, 4, ["cannot run on this machine"], tmp_path)
 
 

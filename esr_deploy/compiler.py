@@ -689,9 +689,9 @@ def _reference_from_manifest(
 
 def _onnx_reference(path: Path) -> ReferenceRun:
     """A reference that runs an fp32 ONNX graph on the CPU runtime."""
-    import onnxruntime as ort  # the CPU runtime is a core dependency
+    from esr_deploy.backends.onnxruntime import cpu_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
 
     def run(x: torch.Tensor) -> np.ndarray:
         return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])

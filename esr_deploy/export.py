@@ -250,12 +250,9 @@ def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
 def _verify(
     path: Path, model: nn.Module, data_range: float, sizes: Sequence[tuple[int, int]]
 ) -> float:
-    import onnxruntime as ort  # verification runs on the CPU runtime, a core dependency
+    from esr_deploy.backends.onnxruntime import cpu_session  # the CPU runtime's one home
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, optimize=False)
     gen = torch.Generator().manual_seed(_SEED)
     worst = 0.0
     for h, w in sizes:

@@ -160,7 +160,8 @@ def native_fp16() -> Availability:
 _NATIVE_FP16: Availability | None = None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of a runtime's exception message (they run to many lines)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -241,7 +242,7 @@ class OnnxRuntimeCPU(Backend):
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ExportError(
                 f"ONNX Runtime {ort.__version__} could not build an engine from "
-                f"{onnx_path.name}: {_first_line(exc)} — where it names an op or node, ONNX "
+                f"{onnx_path.name}: {first_line(exc)} — where it names an op or node, ONNX "
                 "Runtime CPU does not implement it: replace that op in the model or choose "
                 "another target; where it names an IR or opset version, upgrade onnxruntime."
             ) from exc

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
-from esr_deploy.backends.onnxruntime import OrtSession, ort
+from esr_deploy.backends.onnxruntime import OrtSession, first_line, ort
 from esr_deploy.backends.tensorrt import (
     check_onnx_precision,
     cuda_availability,
@@ -56,11 +56,6 @@ SUPPORTED_PRECISIONS: Mapping[str, tuple[str, ...]] = {
     "cuda": ("fp32", "fp16"),
     "tensorrt": ("fp32", "fp16"),
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class OnnxRuntimeGPU(Backend):
@@ -186,7 +181,7 @@ class OnnxRuntimeGPU(Backend):
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BundleError(
                 f"ONNX Runtime {self.version()} could not load {engine_path} with "
-                f"{self.execution_provider}: {_first_line(exc)} — check that the CUDA, cuDNN "
+                f"{self.execution_provider}: {first_line(exc)} — check that the CUDA, cuDNN "
                 "(and TensorRT) libraries onnxruntime-gpu needs are installed, or recompile."
             ) from exc
         used = list(session.get_providers())

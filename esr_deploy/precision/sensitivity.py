@@ -89,8 +89,10 @@ def rank_candidates(
     candidates: Sequence[str],
     inputs: Sequence[np.ndarray],
     progress: Progress | None = None,
+    full: Int8Result | None = None,
 ) -> list[tuple[str, float]]:
-    """``(node, gain)`` for each candidate, highest gain first (see the module docstring)."""
+    """``(node, gain)`` for each candidate, highest gain first (see the module docstring);
+    ``full``: ``quantize(())`` when the caller already has it."""
     progress = progress or NullProgress()
     crops = [
         np.ascontiguousarray(centre_crop(x[0].transpose(1, 2, 0), RANK_CROP).transpose(2, 0, 1))[
@@ -99,7 +101,7 @@ def rank_candidates(
         for x in inputs
     ]
     reference = _outputs(fp32, crops)
-    base = _mse(_outputs(quantize(()).model, crops), reference)
+    base = _mse(_outputs((full or quantize(())).model, crops), reference)
     gains: list[tuple[str, float]] = []
     with progress.task("int8 sensitivity ranking", len(candidates)) as advance:
         for node in candidates:
@@ -135,7 +137,7 @@ def search(
 
     if attempt(0, ()):
         return SensitivityResult(tried[0][0], (), tuple(steps))
-    ranking = rank_candidates(fp32, quantize, candidates, inputs, progress)
+    ranking = rank_candidates(fp32, quantize, candidates, inputs, progress, tried[0][0])
     n = len(ranking)
     if n == 0 or not attempt(n, ranking):
         return SensitivityResult(

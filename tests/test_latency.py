@@ -52,9 +52,15 @@ def test_measure_interleaved_times_each_callable_in_turn() -> None:
     def fast() -> None:
         order.append("fast")
 
-    slow_stats, fast_stats = measure_interleaved([slow, fast], warmup=1, rounds=3)
+    slow_stats, fast_stats = measure_interleaved([slow, fast], warmup=1, rounds=3, rewarm=False)
     assert order == ["slow", "fast"] * 4  # warm-up round, then 3 timed rounds alternating
     assert slow_stats.runs == fast_stats.runs == 3
+    assert slow_stats.median_ms >= 4.0 > fast_stats.median_ms
+    order.clear()
+    slow_stats, fast_stats = measure_interleaved([slow, fast], warmup=1, rounds=2)
+    # by default each timed call follows an untimed call of the same callable (re-warm)
+    assert order == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 2
+    assert slow_stats.runs == fast_stats.runs == 2
     assert slow_stats.median_ms >= 4.0 > fast_stats.median_ms
     with pytest.raises(ValueError):
         measure_interleaved([fast], warmup=0, rounds=0)

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LatencyStats", "measure_interleaved", "measure_latency"]
+__all__ = [
+    "LatencyStats",
+    "interleaved_times",
+    "measure_interleaved",
+    "measure_latency",
+    "summarise",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +82,18 @@ def measure_latency(
     return summarise(times_ns)
 
 
-def measure_interleaved(
-    runs: Sequence[Callable[[], object]], warmup: int, rounds: int
-) -> list[LatencyStats]:
-    """Time several callables in turn (a, b, a, b, ...), so that machine noise hits all of
-    them alike; ``warmup`` untimed rounds first. One :class:`LatencyStats` per callable, for
-    ratios measured side by side.
+def interleaved_times(
+    runs: Sequence[Callable[[], object]], warmup: int, rounds: int, rewarm: bool = True
+) -> np.ndarray:
+    """Time several callables in turn, round after round; every timed call in ns, shape
+    ``(len(runs), rounds)`` (column ``r`` of every row measured within round ``r``).
+
+    ``warmup`` untimed rounds first. With ``rewarm`` each timed call directly follows an
+    untimed call of the same callable (a, a*, b, b*, a, a*, ...; * timed), so what is timed
+    is each engine's steady state, as a server calling one engine sees it. Without it
+    (a*, b*, a*, ...) every timed call pays for switching engines — waking the other
+    session's thread pool, reloading its weights into the caches — which on a 2-core CPU
+    added about 60 ms to a 90 ms engine, the same for both, biasing ratios towards 1.
     """
     if warmup < 0 or rounds < 1:
         raise ValueError(f"need warmup >= 0 and rounds >= 1, got {warmup} and {rounds}")
@@ -91,8 +103,18 @@ def measure_interleaved(
     times_ns = np.empty((len(runs), rounds), dtype=np.int64)
     for r in range(rounds):
         for i, run in enumerate(runs):
+            if rewarm:
+                run()
             times_ns[i, r] = _timed_ns(run)
-    return [summarise(t) for t in times_ns]
+    return times_ns
+
+
+def measure_interleaved(
+    runs: Sequence[Callable[[], object]], warmup: int, rounds: int, rewarm: bool = True
+) -> list[LatencyStats]:
+    """:func:`interleaved_times` summarised: one :class:`LatencyStats` per callable, for
+    ratios measured side by side."""
+    return [summarise(t) for t in interleaved_times(runs, warmup, rounds, rewarm)]
 
 
 def _timed_ns(run: Callable[[], object]) -> int:

@@ -11,7 +11,7 @@ Both engines get the same seeded random input ``u * data_range``, ``u ~ U[0, 1)`
 ``1xCxHxW`` (``numpy.random.default_rng(seed)``; each engine scaled by its own manifest's
 ``data_range``). Each engine runs once untimed as a check that it accepts the shape, then
 ``warmup`` untimed and ``runs`` timed rounds through
-:func:`esr_deploy.validate.latency.measure_interleaved`: in every round the candidate, then
+:func:`esr_deploy.validate.latency.interleaved_times`: in every round the candidate, then
 the reference, each as one untimed call directly followed by one timed call of the same
 engine (``c, c*, f, f*``; ``*`` timed). Interleaving at this grain makes machine noise —
 another job, frequency scaling — hit both engines alike; the untimed call before each timed
@@ -65,7 +65,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -77,7 +76,7 @@ import numpy.typing as npt
 
 from esr_deploy.bundle import MANIFEST, Bundle, load_bundle
 from esr_deploy.errors import EXIT_VALIDATION_FAILED, BundleError, EsrDeployError
-from esr_deploy.validate.latency import LatencyStats, measure_interleaved
+from esr_deploy.validate.latency import LatencyStats, interleaved_times
 from esr_deploy.validate.latency import summarise as summarise_latency
 
 if TYPE_CHECKING:  # the backends import torch; the CLI imports this module's defaults
@@ -578,38 +577,10 @@ def _check_run(engine: LoadedEngine, x: np.ndarray) -> tuple[int, ...]:
 def _timed_rounds(
     runs: Sequence[Callable[[], object]], options: BenchOptions
 ) -> tuple[list[LatencyStats], np.ndarray]:
-    """Time ``runs`` in interleaved rounds through :func:`measure_interleaved` and keep every
-    timed round: the statistics of each callable and its per-round times in ms, shape
-    (len(runs), rounds); round ``i`` of every row was measured within the same round.
-
-    With ``options.rewarm`` each timed call directly follows an untimed call of the same callable
-    (a, a*, b, b*, a, a*, ...; * timed): what is timed is the engine's steady state, as a
-    server calling one engine sees it. Without it (a*, b*, a*, ...) every timed call pays for
-    switching engines — waking the other session's thread pool, reloading its weights and
-    buffers into the caches — which on a 2-core CPU added about 60 ms to a 90 ms engine,
-    the same for both, biasing the ratio towards 1. Each call is timed on its own with
-    ``perf_counter_ns`` (the slot that ``measure_interleaved`` times holds the re-warm call
-    too); the statistics are summarised from these times the way
-    :mod:`esr_deploy.validate.latency` summarises its own.
-    """
-    recorded: list[list[int]] = [[] for _ in runs]
-
-    def slot(index: int) -> Callable[[], None]:
-        run = runs[index]
-
-        def timed() -> None:
-            if options.rewarm:
-                run()
-            t0 = time.perf_counter_ns()
-            run()
-            recorded[index].append(time.perf_counter_ns() - t0)
-
-        return timed
-
-    warmup, rounds = options.warmup, options.runs
-    measure_interleaved([slot(i) for i in range(len(runs))], warmup=warmup, rounds=rounds)
-    times_ns = np.asarray([r[warmup:] for r in recorded], dtype=np.int64)
-    assert times_ns.shape == (len(runs), rounds), times_ns.shape
+    """Time ``runs`` in interleaved rounds (:func:`interleaved_times`, re-warmed before each
+    timed call unless ``options.rewarm`` is off) and keep every timed round: the statistics
+    of each callable and its per-round times in ms, shape (len(runs), rounds)."""
+    times_ns = interleaved_times(runs, options.warmup, options.runs, options.rewarm)
     return [summarise_latency(t) for t in times_ns], times_ns.astype(np.float64) / 1e6
 
 

@@ -32,6 +32,7 @@ from esr_deploy.bundle import REPORT, StagedBundle, check_writable, load_bundle
 from esr_deploy.errors import EsrDeployError, ValidationError
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.targets import availability, get_target, require_available
+from esr_deploy.validate.figures import targets_figure
 from esr_deploy.validate.latency import measure_interleaved
 from esr_deploy.validate.report import write_report
 
@@ -119,8 +120,9 @@ def compile_auto(
         medians = {n: s.median_ms for n, s in zip(names, stats, strict=True)}
         best = min(names, key=lambda n: medians[n])
         for name in names:
+            drop = max(v["psnr_drop"] for v in passed[name].manifest["validation"].values())
             report.append({"target": name, "available": True, "passed": True,
-                           "median_ms": round(medians[name], 3)})  # fmt: skip
+                           "median_ms": round(medians[name], 3), "psnr_drop": drop})  # fmt: skip
         ranked = sorted(names, key=lambda n: medians[n])
         reason = (
             f"fastest at 1x3x{shape[0]}x{shape[1]} of the targets that passed validation: "
@@ -150,7 +152,16 @@ def compile_auto(
             for item in chosen.bundle.iterdir():
                 if item.name != "manifest.json":
                     shutil.copy2(item, staged.dir / item.name)
-            write_report(staged.dir / REPORT, manifest)
+            figure = targets_figure(
+                staged.dir,
+                report,
+                chosen=best,
+                max_psnr_drop=budget,
+                latency_label=f"median latency at 1x3x{shape[0]}x{shape[1]} (ms)",
+            )
+            if figure is not None:
+                manifest["report_figures"] = [*manifest.get("report_figures", []), figure]
+            write_report(staged.dir / REPORT, manifest)  # report.md and .html, re-rendered
             full = staged.write_manifest(manifest)
             path = staged.commit()
     log.info("auto chose %s: %s", best, reason)

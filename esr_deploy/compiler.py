@@ -73,6 +73,7 @@ from esr_deploy.recipe import (
     recipe_from_arch,
 )
 from esr_deploy.targets import Target, require_available
+from esr_deploy.validate.figures import COMPARISON_IMAGES, comparison_figures
 from esr_deploy.validate.latency import measure_interleaved, measure_latency
 from esr_deploy.validate.metrics import ModelMetrics, model_metrics
 from esr_deploy.validate.parity import ReferenceRun, SetResult, evaluate_set, model_input
@@ -659,6 +660,15 @@ def compile_model(
                 "where the loss is understood (--json prints every per-image number).",
                 details=manifest,
             )
+        manifest["report_figures"] = comparison_figures(
+            staged.dir,
+            sets[0].pairs[:COMPARISON_IMAGES],
+            reference,
+            session.run,
+            recipe,
+            engine_label=f"engine ({target.name})",
+            set_name=sets[0].name,
+        )
         write_report(staged.dir / REPORT, manifest)
         manifest = staged.write_manifest(manifest)
         bundle = staged.commit()

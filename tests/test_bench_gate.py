@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 # The CLI helpers of the command-line tests (tests/ is on sys.path, see test_compile.py).
 from test_cli import Run, assert_refused, esr_deploy, one_error
 
-from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, REPORT, StagedBundle, load_bundle
+from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, StagedBundle, load_bundle
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.errors import EXIT_BAD_INPUT, EXIT_VALIDATION_FAILED, EsrDeployError
 from esr_deploy.paths import example_checkpoint
@@ -277,7 +277,9 @@ def slow(fast: Path) -> Path:
         ensemble = self_ensemble(onnx.load(str(fast / REFERENCE_ONNX)), FLIPS)
         onnx.save(ensemble, str(staged.dir / REFERENCE_ONNX))
         built = backend.build(staged.dir / REFERENCE_ONNX, staged.dir, manifest["precision"])
-        shutil.copy(fast / REPORT, staged.dir / REPORT)
+        for name in manifest["files"]:  # the report and its pictures, as they were
+            if name not in (REFERENCE_ONNX, manifest["engine"]["file"]):
+                shutil.copy(fast / name, staged.dir / name)
         manifest.update(
             name=f"{manifest['name']}_tta{len(FLIPS)}",
             engine={

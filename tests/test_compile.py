@@ -38,6 +38,7 @@ from esr_deploy.data import imresize, load_validation_set, mod_crop, read_image,
 from esr_deploy.paths import default_val_dir, example_checkpoint
 from esr_deploy.targets import require_available
 from esr_deploy.validate.quality import psnr_y
+from esr_deploy.validate.report import REPORT_HTML
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_FILE = "engine.onnx"  # the ort-fp32 engine file
@@ -112,8 +113,11 @@ def zoo_bundle(
 
 def _assert_complete_bundle(bundle: Path, manifest: dict[str, Any]) -> None:
     """The four files are there, nothing else is, and every checksum matches."""
-    assert {p.name for p in bundle.iterdir()} == BUNDLE_FILES | {MANIFEST}
-    assert set(manifest["files"]) == BUNDLE_FILES
+    pictures = {f["file"] for f in manifest["report_figures"]}
+    assert len(pictures) == 4  # comparison and difference pictures of two validation images
+    expected = BUNDLE_FILES | {REPORT_HTML} | pictures
+    assert {p.name for p in bundle.iterdir()} == expected | {MANIFEST}
+    assert set(manifest["files"]) == expected
     for name, digest in manifest["files"].items():
         assert sha256_file(bundle / name) == digest, name
     assert json.loads((bundle / MANIFEST).read_text(encoding="utf-8")) == manifest

@@ -1,0 +1,579 @@
+"""Pictures for a bundle's report: validation crops, difference heat maps, auto candidates.
+
+Drawn with Pillow alone (``ImageDraw`` and its default font): the figures are labelled image
+panels, a colour bar and two bar charts, which need no plotting library, and Pillow is
+already a dependency. The default font covers ASCII, so text in the pictures is ASCII (``x``
+for ×, ``-`` for −); the captions in the report carry the exact wording.
+
+Every function writes PNGs into a folder (the staged bundle) and returns one record per
+picture for ``manifest["report_figures"]``, so that the report
+(:mod:`esr_deploy.validate.report`) stays a pure function of the manifest::
+
+    {"file": "compare-1-bird.png", "kind": "comparison" | "difference" | "targets",
+     "image": "bird" | None, "caption": "...", ...}
+
+**Comparison** (per validation image): the most detailed HR region — the
+:data:`CROP_HR` × :data:`CROP_HR` window, on the LR pixel grid, with the largest sum of
+squared BT.601 luma gradients — as four panels enlarged with nearest-neighbour so that
+pixels show: MATLAB-bicubic upscaling of the LR crop (:func:`esr_deploy.data.imresize`),
+PyTorch reference output, engine output, HR.
+
+**Difference**: ``d = max over RGB of |e − r|`` in 0..255 units, where ``e`` and ``r`` are the
+engine and reference outputs clamped to the data range (as parity measures them). It is
+shown through a colour map at intensity ``min(255, g · d)``: the gain ``g`` is chosen from
+the data so that the 99.9th percentile of ``d`` over the image maps to (just under) full
+scale, ``g = floor(255 / p99.9)`` to two significant digits; so the brightest 0.1 % of
+pixels saturate and an engine identical to float precision still shows its pattern. The
+caption states ``g``, the value that maps to full scale, and the maximum of ``d``.
+
+**Targets** (``--target auto``): median latency and worst PSNR-Y drop of every candidate
+that was built, as horizontal bars; candidates that failed validation or could not run here
+are listed with the reason and not plotted as numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from esr_deploy.data import ImagePair, imresize, to_uint8
+from esr_deploy.recipe import Recipe
+from esr_deploy.validate.parity import EngineRun, ReferenceRun, model_input, model_output
+from esr_deploy.validate.quality import rgb_to_y
+
+__all__ = [
+    "COMPARISON_IMAGES",
+    "CROP_HR",
+    "HEAT_LUT",
+    "PERCENTILE",
+    "abs_difference",
+    "bicubic_crop",
+    "comparison_figures",
+    "detail_crop",
+    "difference_gain",
+    "targets_figure",
+]
+
+log = logging.getLogger(__name__)
+
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+Box = tuple[int, int, int, int]  # y, x, height, width (HR pixels)
+
+#: Validation images drawn (the first ones of the first validation set).
+COMPARISON_IMAGES = 2
+#: Side of the HR crop (rounded down to a multiple of the scale).
+CROP_HR = 64
+#: Panels are enlarged by the largest integer factor that keeps them within this many pixels.
+PANEL = 256
+#: The percentile of |engine − reference| that the gain maps to full scale.
+PERCENTILE = 99.9
+#: LR pixels around the crop that the bicubic upscaling sees (its kernel reaches 2).
+LR_MARGIN = 4
+
+PAD = 10
+FONT_SIZE = 15
+SMALL_FONT_SIZE = 13
+BACKGROUND = (255, 255, 255)
+INK = (25, 25, 25)
+MUTED = (110, 110, 110)
+FAILED = (190, 20, 40)
+CROP_OUTLINE = (0, 200, 255)
+LATENCY_BAR = (70, 110, 180)
+DROP_BAR = (225, 135, 40)
+CHOSEN_BAND = (222, 245, 222)
+FAILED_BAND = (252, 234, 236)
+UNAVAILABLE_BAND = (242, 242, 242)
+GRID = (225, 225, 225)
+
+#: Anchors of the heat colour map (close to matplotlib's "inferno"): dark = no difference.
+_HEAT_ANCHORS = (
+    (0.0, (0, 0, 4)),
+    (0.25, (87, 16, 110)),
+    (0.5, (188, 55, 84)),
+    (0.75, (249, 142, 9)),
+    (1.0, (252, 255, 164)),
+)
+
+
+def _heat_lut() -> np.ndarray:
+    t = np.linspace(0.0, 1.0, 256)
+    pos = [a[0] for a in _HEAT_ANCHORS]
+    channels = [np.interp(t, pos, [a[1][c] for a in _HEAT_ANCHORS]) for c in range(3)]
+    return np.stack(channels, axis=1).round().astype(np.uint8)
+
+
+#: 256×3 uint8 colour map: intensity 0 (no difference) … 255 (full scale).
+HEAT_LUT = _heat_lut()
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def detail_crop(hr: np.ndarray, scale: int, size: int = CROP_HR) -> Box:
+    """``(y, x, h, w)`` of the most detailed HR window: the largest sum of squared luma
+    gradients over a ``size``×``size`` window (smaller for smaller images) whose corner and
+    sides are multiples of ``scale``, so that it is an exact LR crop upscaled. Ties: the
+    first window in row-major order."""
+    height, width = hr.shape[:2]
+    side = max(scale, size - size % scale)
+    h, w = min(height, side), min(width, side)
+    y = rgb_to_y(hr)
+    energy = np.zeros_like(y)
+    energy[:, :-1] += np.diff(y, axis=1) ** 2
+    energy[:-1, :] += np.diff(y, axis=0) ** 2
+    integral = np.zeros((height + 1, width + 1), dtype=np.float64)
+    integral[1:, 1:] = energy.cumsum(axis=0).cumsum(axis=1)
+    ys = np.arange(0, height - h + 1, scale)
+    xs = np.arange(0, width - w + 1, scale)
+    sums = (
+        integral[np.ix_(ys + h, xs + w)]
+        - integral[np.ix_(ys, xs + w)]
+        - integral[np.ix_(ys + h, xs)]
+        + integral[np.ix_(ys, xs)]
+    )
+    iy, ix = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(ys[iy]), int(xs[ix]), h, w
+
+
+def bicubic_crop(lr: np.ndarray, scale: int, box: Box) -> np.ndarray:
+    """MATLAB-bicubic ×``scale`` of the LR pixels under the HR ``box``: the LR crop with
+    :data:`LR_MARGIN` pixels around it is upscaled and the margin cut off, which gives the
+    same pixels as upscaling the whole image (the kernel reaches 2 LR pixels)."""
+    y, x, h, w = box
+    ly, lx, lh, lw = y // scale, x // scale, h // scale, w // scale
+    top, left = min(LR_MARGIN, ly), min(LR_MARGIN, lx)
+    bottom = min(LR_MARGIN, lr.shape[0] - ly - lh)
+    right = min(LR_MARGIN, lr.shape[1] - lx - lw)
+    part = np.ascontiguousarray(lr[ly - top : ly + lh + bottom, lx - left : lx + lw + right])
+    up = imresize(part, scale)
+    return up[top * scale : top * scale + h, left * scale : left * scale + w]
+
+
+def abs_difference(
+    engine_out: np.ndarray, reference_out: np.ndarray, data_range: float
+) -> np.ndarray:
+    """``max over RGB |e − r|`` in 0..255 units, H×W float64, of two 1×3×H×W outputs clamped
+    to ``[0, data_range]``."""
+    e = np.clip(engine_out[0].astype(np.float64), 0.0, data_range)
+    r = np.clip(reference_out[0].astype(np.float64), 0.0, data_range)
+    return np.asarray(np.abs(e - r).max(axis=0) * (255.0 / data_range))
+
+
+def difference_gain(diff: np.ndarray) -> float:
+    """The gain that maps the :data:`PERCENTILE` of ``diff`` (0..255 units) to full scale,
+    rounded down to two significant digits (the maximum when the percentile is 0; 1 for
+    identical outputs)."""
+    p = float(np.percentile(diff, PERCENTILE))
+    if p <= 0.0:
+        p = float(diff.max())
+    if p <= 0.0:
+        return 1.0
+    ideal = 255.0 / p
+    k = math.floor(math.log10(ideal)) - 1
+    gain = math.floor(ideal / 10.0**k) * 10.0**k
+    return max(1.0, round(gain, max(0, -k)))
+
+
+def _heat(diff: np.ndarray, gain: float) -> np.ndarray:
+    idx = np.clip(np.rint(diff * gain), 0, 255).astype(np.uint8)
+    return np.asarray(HEAT_LUT[idx])
+
+
+def _format_gain(gain: float) -> str:
+    return f"{gain:,.0f}" if gain >= 100 else f"{gain:g}"
+
+
+def _safe_name(name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
+    return safe[:40] or "image"
+
+
+# ------------------------------------------------------------------------------ drawing
+
+
+def _font(size: int) -> Font:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+_MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+_ASCII = str.maketrans({"×": "x", "−": "-", "—": "-", "–": "-", "≥": ">=", "≤": "<="})
+
+
+def _ascii(text: str) -> str:
+    """What the default font can draw: the usual non-ASCII signs spelled in ASCII, others
+    replaced by ``?``."""
+    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
+
+
+def _width(text: str, font: Font) -> int:
+    return math.ceil(_MEASURE.textlength(text, font=font))
+
+
+def _fit(text: str, font: Font, width: int) -> str:
+    """``text`` cut with an ellipsis to ``width`` pixels."""
+    text = _ascii(text)
+    if _width(text, font) <= width:
+        return text
+    while text and _width(text + "...", font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _enlarge(img: np.ndarray, zoom: int) -> np.ndarray:
+    return np.repeat(np.repeat(img, zoom, axis=0), zoom, axis=1)
+
+
+def _compose(
+    title: str, panels: Sequence[tuple[str, np.ndarray]], footer: Image.Image | None = None
+) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """Panels side by side under their labels, a title above, ``footer`` below; the picture
+    and each panel's label and box ``[x0, y0, x1, y1]`` (pixels of the picture)."""
+    font, small = _font(FONT_SIZE), _font(SMALL_FONT_SIZE)
+    line = FONT_SIZE + 8
+    top = PAD + line + line  # title, then the labels
+    width = PAD + sum(p.shape[1] + PAD for _, p in panels)
+    height = top + max(p.shape[0] for _, p in panels) + PAD
+    if footer is not None:
+        width = max(width, footer.width + 2 * PAD)
+        height += footer.height + PAD
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, PAD), _fit(title, font, width - 2 * PAD), fill=INK, font=font)
+    boxes = []
+    x = PAD
+    for label, pixels in panels:
+        draw.text((x, PAD + line), _fit(label, small, pixels.shape[1]), fill=INK, font=small)
+        canvas.paste(Image.fromarray(pixels), (x, top))
+        boxes.append({"label": label, "box": [x, top, x + pixels.shape[1], top + pixels.shape[0]]})
+        x += pixels.shape[1] + PAD
+    if footer is not None:
+        canvas.paste(footer, (PAD, height - PAD - footer.height))
+    return canvas, boxes
+
+
+def _colour_bar(width: int, gain: float, lines: Sequence[str]) -> Image.Image:
+    """Text lines, then the colour map as a bar with ticks in 0..255 units of |e − r|."""
+    small = _font(SMALL_FONT_SIZE)
+    line = SMALL_FONT_SIZE + 6
+    bar_h = 14
+    full = 255.0 / gain
+    bar_top = len(lines) * line + 4
+    img = Image.new("RGB", (width, bar_top + bar_h + 6 + line), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(lines):
+        draw.text((0, i * line), _fit(text, small, width), fill=INK, font=small)
+    bar_w = width - 60  # room for the last tick label
+    ramp = HEAT_LUT[np.linspace(0, 255, bar_w).round().astype(np.int64)]
+    img.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0)), (0, bar_top))
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        tx = round(frac * (bar_w - 1))
+        draw.line([(tx, bar_top + bar_h), (tx, bar_top + bar_h + 4)], fill=INK)
+        label = "0" if frac == 0 else f"{frac * full:.2g}"
+        if frac == 1.0:
+            label = ">= " + label
+        lw = _width(label, small)
+        lx = min(max(0, tx - lw // 2), width - lw)
+        draw.text((lx, bar_top + bar_h + 6), label, fill=INK, font=small)
+    return img
+
+
+def _overview(diff: np.ndarray, gain: float, box: Box) -> tuple[np.ndarray, str]:
+    """Heat map of the whole image within :data:`PANEL` pixels (block maximum when it is
+    larger, so that isolated differences stay visible; nearest-neighbour when smaller), with
+    the crop outlined."""
+    height, width = diff.shape
+    longest = max(height, width)
+    y, x, h, w = box
+    if longest > PANEL:
+        k = math.ceil(longest / PANEL)
+        padded = np.zeros((math.ceil(height / k) * k, math.ceil(width / k) * k))
+        padded[:height, :width] = diff
+        pooled = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).max(axis=(1, 3))
+        pixels, rect, how = _heat(pooled, gain), (y // k, x // k, h // k, w // k), f"max of {k}x{k}"
+    else:
+        z = PANEL // longest
+        pixels = _enlarge(_heat(diff, gain), z)
+        rect, how = (y * z, x * z, h * z, w * z), f"x{z}"
+    img = Image.fromarray(pixels)
+    ry, rx, rh, rw = rect
+    ImageDraw.Draw(img).rectangle(
+        [rx, ry, rx + max(rw, 1) - 1, ry + max(rh, 1) - 1], outline=CROP_OUTLINE
+    )
+    return np.asarray(img), how
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def comparison_figures(
+    out_dir: Path,
+    pairs: Sequence[ImagePair],
+    reference: ReferenceRun,
+    engine: EngineRun,
+    recipe: Recipe,
+    engine_label: str = "engine",
+    set_name: str | None = None,
+) -> list[dict[str, Any]]:
+    """Draw the comparison and the difference picture of each pair into ``out_dir``; see
+    the module docstring. ``reference`` and ``engine`` are run on the whole LR image."""
+    records: list[dict[str, Any]] = []
+    scale, data_range = recipe.scale, recipe.data_range
+    where = f" ({set_name})" if set_name else ""
+    for index, pair in enumerate(pairs, start=1):
+        x = model_input(pair.lr, recipe)
+        with torch.no_grad():
+            ref = model_output(reference(x), recipe)
+        eng = model_output(engine(x.numpy()), recipe)
+        box = detail_crop(pair.hr, scale)
+        y0, x0, h, w = box
+        zoom = max(1, PANEL // max(h, w))
+
+        def crop(img: np.ndarray, y0: int = y0, x0: int = x0, h: int = h, w: int = w) -> Any:
+            return img[y0 : y0 + h, x0 : x0 + w]
+
+        panels = [
+            (f"bicubic (LR x{scale})", bicubic_crop(pair.lr, scale, box)),
+            ("PyTorch reference", crop(to_uint8(ref, data_range))),
+            (engine_label, crop(to_uint8(eng, data_range))),
+            ("HR", crop(pair.hr)),
+        ]
+        where_crop = f"{w}×{h} HR crop at x={x0}, y={y0}"
+        title = f"{pair.name}: {where_crop} (most detailed region), enlarged x{zoom}"
+        picture, boxes = _compose(title, [(label, _enlarge(p, zoom)) for label, p in panels])
+        name = _safe_name(pair.name)
+        compare_file = f"compare-{index}-{name}.png"
+        picture.save(out_dir / compare_file, format="PNG")
+        records.append(
+            {
+                "file": compare_file,
+                "kind": "comparison",
+                "image": pair.name,
+                "set": set_name,
+                "caption": (
+                    f"{pair.name}{where}: {where_crop} (the most detailed region: largest "
+                    f"luma gradient energy), enlarged ×{zoom} with nearest-neighbour. "
+                    f"Left to right: MATLAB-bicubic ×{scale} upscaling of the LR crop, the "
+                    f"PyTorch reference (training form), the {engine_label}, HR."
+                ),
+                "crop": {"x": x0, "y": y0, "width": w, "height": h},
+                "zoom": zoom,
+                "panels": boxes,
+            }
+        )
+
+        diff = abs_difference(eng, ref, data_range)
+        gain = difference_gain(diff)
+        full = 255.0 / gain
+        most, crop_most = float(diff.max()), float(crop(diff).max())
+        overview, how = _overview(diff, gain, box)
+        gain_text = _format_gain(gain)
+        heat_panels = [
+            (f"|engine - reference| x{gain_text}, crop", _enlarge(_heat(crop(diff), gain), zoom)),
+            (f"whole image ({how}), crop outlined", overview),
+        ]
+        bar_width = max(PAD + sum(p.shape[1] + PAD for _, p in heat_panels) - 2 * PAD, 300)
+        bar = _colour_bar(
+            bar_width,
+            gain,
+            [
+                f"colour = |engine - reference| (max over RGB, 0..255 units) x{gain_text}",
+                f"max |engine - reference|: {most:.3g} (image), {crop_most:.3g} (crop)",
+            ],
+        )
+        picture, boxes = _compose(f"{pair.name}: difference to the reference", heat_panels, bar)
+        diff_file = f"difference-{index}-{name}.png"
+        picture.save(out_dir / diff_file, format="PNG")
+        records.append(
+            {
+                "file": diff_file,
+                "kind": "difference",
+                "image": pair.name,
+                "set": set_name,
+                "caption": (
+                    f"|engine − reference| on {pair.name}{where} (maximum over RGB, 0..255 "
+                    f"units), amplified ×{gain_text} so that the {PERCENTILE:g}th percentile "
+                    f"maps to about full scale: black = 0, yellow-white ≥ {full:.3g} (colour "
+                    f"bar in the picture). Maximum abs difference {most:.3g} over the image, "
+                    f"{crop_most:.3g} in the crop (left, enlarged ×{zoom}); right: the whole "
+                    f"image ({how}) with the crop outlined."
+                ),
+                "gain": gain,
+                "full_scale": full,
+                "max_abs_difference": most,
+                "crop_max_abs_difference": crop_most,
+                "crop": {"x": x0, "y": y0, "width": w, "height": h},
+                "zoom": zoom,
+                "panels": boxes,
+            }
+        )
+        log.debug("report figures for %s: gain %s, max |e - r| %.3g", pair.name, gain, most)
+    return records
+
+
+def _nice_step(span: float, parts: int = 4) -> float:
+    raw = span / parts
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m for m in (1.0, 2.0, 5.0, 10.0) if m * magnitude >= raw)
+    return step * magnitude
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    step = _nice_step(hi - lo)
+    first = math.ceil(lo / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, math.floor(hi / step + 1e-9) + 1)]
+
+
+def short_failure(text: str) -> str:
+    """The measured part of a compile failure ("Validation of m on t failed — <what> — ...")."""
+    parts = text.split(" — ")
+    return parts[1] if len(parts) > 2 else text
+
+
+def _drop(value: Any) -> float:
+    """A PSNR drop as drawn: 0 when it rounds to 0.0000 (no "-0.0000")."""
+    d = float(value)
+    return 0.0 if round(d, 4) == 0 else d
+
+
+def targets_figure(
+    out_dir: Path,
+    candidates: Sequence[Mapping[str, Any]],
+    chosen: str | None = None,
+    max_psnr_drop: float | None = None,
+    latency_label: str = "median latency (ms)",
+    file: str = "targets.png",
+) -> dict[str, Any] | None:
+    """Latency and PSNR-Y drop per candidate of ``--target auto`` (entries of
+    ``manifest["auto"]["candidates"]``: ``target``, ``available``, ``passed``, ``median_ms``,
+    ``psnr_drop``, ``failure`` or ``reason``); None when fewer than two were built."""
+    built = [c for c in candidates if c.get("available")]
+    if len(built) < 2:
+        return None
+    font, small = _font(FONT_SIZE), _font(SMALL_FONT_SIZE)
+    plotted = [c for c in built if c.get("passed") and c.get("median_ms") is not None]
+    names = [c["target"] + (" (chosen)" if c["target"] == chosen else "") for c in candidates]
+    name_w = max(_width(n, font) for n in names) + 2 * PAD
+    chart_w, gap, row_h, bar_h = 320, 40, 30, 16
+    line = FONT_SIZE + 8
+    top = PAD + 2 * line + line  # title, subtitle, axis titles
+    width = PAD + name_w + chart_w + gap + chart_w + PAD
+    height = top + row_h * len(candidates) + 2 * line + PAD
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, PAD), "--target auto: candidates", fill=INK, font=font)
+    budget = f"; PSNR-Y drop budget {max_psnr_drop:g} dB" if max_psnr_drop is not None else ""
+    sub = f"chosen: {chosen or '-'}{budget}; failed or unavailable targets are not plotted"
+    draw.text((PAD, PAD + line), _fit(sub, small, width - 2 * PAD), fill=MUTED, font=small)
+    lat_x = PAD + name_w
+    drop_x = lat_x + chart_w + gap
+    draw.text((lat_x, PAD + 2 * line), _fit(latency_label, small, chart_w), fill=INK, font=small)
+    draw.text((drop_x, PAD + 2 * line), "PSNR-Y drop (dB, worst set)", fill=INK, font=small)
+    bottom = top + row_h * len(candidates)
+
+    lat_values = [float(c["median_ms"]) for c in plotted]
+    lat_hi = max(lat_values, default=1.0) * 1.4 or 1.0
+    drops = [float(c["psnr_drop"]) for c in plotted if c.get("psnr_drop") is not None]
+    marks = drops + ([max_psnr_drop] if max_psnr_drop is not None else [])
+    lo = min([0.0, *marks])
+    hi = max([0.0, *marks])
+    span = (hi - lo) or 0.01
+    lo, hi = (lo - 0.05 * span if lo < 0 else 0.0), hi + 0.4 * span
+
+    def lat_pos(v: float) -> int:
+        return lat_x + round(v / lat_hi * chart_w)
+
+    def drop_pos(v: float) -> int:
+        return drop_x + round((v - lo) / (hi - lo) * chart_w)
+
+    for axis_x, pos, tick_values in (
+        (lat_x, lat_pos, _ticks(0.0, lat_hi)),
+        (drop_x, drop_pos, _ticks(lo, hi)),
+    ):
+        for t in tick_values:
+            tx = pos(t)
+            draw.line([(tx, top), (tx, bottom)], fill=GRID)
+            label = f"{t:g}"
+            draw.text((tx - _width(label, small) // 2, bottom + 4), label, fill=INK, font=small)
+        draw.line([(axis_x, bottom), (axis_x + chart_w, bottom)], fill=INK)
+    zero = drop_pos(0.0)
+    draw.line([(zero, top), (zero, bottom)], fill=INK)
+    if max_psnr_drop is not None:
+        bx = drop_pos(max_psnr_drop)
+        for yy in range(top, bottom, 8):
+            draw.line([(bx, yy), (bx, min(yy + 4, bottom))], fill=FAILED, width=2)
+        label = f"budget {max_psnr_drop:g} dB"
+        lx = min(bx - _width(label, small) // 2, width - PAD - _width(label, small))
+        draw.text((lx, bottom + 4 + line), label, fill=FAILED, font=small)
+
+    for i, (c, name) in enumerate(zip(candidates, names, strict=True)):
+        y = top + i * row_h
+        mid = y + (row_h - bar_h) // 2
+        if c["target"] == chosen:
+            draw.rectangle([PAD, y + 1, width - PAD, y + row_h - 1], fill=CHOSEN_BAND)
+        draw.text((PAD, mid - 1), _ascii(name), fill=INK, font=font)
+        text_room = 2 * chart_w + gap - 8
+        if not c.get("available") or not c.get("passed") or c.get("median_ms") is None:
+            # a note over both charts, on a band that hides the grid: not a number to plot
+            available = bool(c.get("available"))
+            why = (
+                f"FAILED: {short_failure(str(c.get('failure', '')))}"
+                if available
+                else f"not available here: {c.get('reason', '')}"
+            )
+            band = FAILED_BAND if available else UNAVAILABLE_BAND
+            draw.rectangle([lat_x, y + 3, drop_x + chart_w, y + row_h - 3], fill=band)
+            draw.text(
+                (lat_x + 4, mid),
+                _fit(why, small, text_room),
+                fill=FAILED if available else MUTED,
+                font=small,
+            )
+            continue
+        ms = float(c["median_ms"])
+        draw.rectangle([lat_x, mid, max(lat_x, lat_pos(ms) - 1), mid + bar_h], fill=LATENCY_BAR)
+        draw.text((lat_pos(ms) + 4, mid), f"{ms:.1f} ms", fill=INK, font=small)
+        if c.get("psnr_drop") is not None:
+            d = _drop(c["psnr_drop"])
+            left, right = sorted((zero, drop_pos(d)))
+            draw.rectangle([left, mid, max(left, right - 1), mid + bar_h], fill=DROP_BAR)
+            draw.text((max(zero, drop_pos(d)) + 4, mid), f"{d:.4f}", fill=INK, font=small)
+    canvas.save(out_dir / file, format="PNG")
+
+    def describe(c: Mapping[str, Any]) -> str:
+        if not c.get("available"):
+            return f"{c['target']}: not available here ({c.get('reason', '')})"
+        if not c.get("passed"):
+            return f"{c['target']}: failed ({short_failure(str(c.get('failure', '')))})"
+        drop = (
+            f", PSNR-Y drop {_drop(c['psnr_drop']):.4f} dB"
+            if c.get("psnr_drop") is not None
+            else ""
+        )
+        return f"{c['target']}: {c['median_ms']:.1f} ms{drop}"
+
+    caption = (
+        f"--target auto: {latency_label} and worst PSNR-Y drop over the validation sets of "
+        "each candidate that passed"
+        + (f" (drop budget {max_psnr_drop:g} dB, dashed)" if max_psnr_drop is not None else "")
+        + f"; chosen: {chosen or '—'}. "
+        + "; ".join(describe(c) for c in candidates)
+        + "."
+    )
+    return {
+        "file": file,
+        "kind": "targets",
+        "image": None,
+        "caption": caption,
+        "targets": [c["target"] for c in candidates],
+    }

@@ -7,11 +7,13 @@ validation set, so that the fastest target is not simply the one allowed to lose
 int8 sensitivity search keeps as many layers in float as that budget needs). A candidate
 that misses its parity floor or the budget is out, with its failure recorded.
 
-The engines that passed are timed *interleaved* (candidate 1, 2, ..., 1, 2, ...) at the
-first latency shape (the NTIRE 256×256 by default), so that machine noise hits all of them
-alike, and the one with the lowest median wins. Its bundle is published with the usual
-latency measurements and an ``auto`` section in the manifest: every candidate, whether it
-passed (or why not, or why it could not run here), its median, the budget, and the sentence
+The engines that passed are timed *interleaved* (candidate 1, 2, ..., 1, 2, ...; each timed
+call right after an untimed one of the same engine, so that each is timed in its steady
+state) at the first latency shape (the NTIRE 256×256 by default), so that machine noise hits
+all of them alike, and the one with the lowest median wins. Its bundle is published with the
+usual latency measurements and an ``auto`` section in the manifest: the CPU (model and ISA
+flags) they were timed on, every candidate, whether it passed (or why not, or why it could
+not run here), its latency (median, p10, p90) and PSNR drop, the budget, and the sentence
 that says why the winner was chosen.
 """
 
@@ -119,10 +121,15 @@ def compile_auto(
             advance()
         medians = {n: s.median_ms for n, s in zip(names, stats, strict=True)}
         best = min(names, key=lambda n: medians[n])
-        for name in names:
+        shape_key = f"1x3x{shape[0]}x{shape[1]}"
+        for name, stat in zip(names, stats, strict=True):
             drop = max(v["psnr_drop"] for v in passed[name].manifest["validation"].values())
             report.append({"target": name, "available": True, "passed": True,
-                           "median_ms": round(medians[name], 3), "psnr_drop": drop})  # fmt: skip
+                           "median_ms": round(medians[name], 3), "psnr_drop": drop,
+                           "latency_ms": {shape_key: stat.to_dict()},
+                           "backend": passed[name].manifest["backend"],
+                           "backend_version": passed[name].manifest["engine"]["backend_version"],
+                           })  # fmt: skip
         ranked = sorted(names, key=lambda n: medians[n])
         reason = (
             f"fastest at 1x3x{shape[0]}x{shape[1]} of the targets that passed validation: "
@@ -145,6 +152,9 @@ def compile_auto(
             "chosen": best,
             "reason": reason,
             "max_psnr_drop": budget,
+            # every candidate was timed here, interleaved: on this CPU (model and ISA flags)
+            "device": first["engine"]["device"],
+            "timing": {"shape": shape_key, "rounds": AUTO_RUNS, "warmup": 2, "rewarm": True},
             "candidates": report,
         }
         destination = options.out or options.engines_dir / f"{manifest['name']}-{AUTO}"

@@ -279,6 +279,12 @@ def test_auto_keeps_the_fastest_target_that_passes_and_says_why(tmp_path: Path) 
     assert auto["chosen"] == min(passed, key=passed.__getitem__) == result.manifest["target"]
     assert auto["chosen"] in auto["reason"] and "interleaved" in auto["reason"]
     assert auto["max_psnr_drop"] == 0.02  # one budget for every candidate
+    # every passing target's latency, with the CPU it was measured on
+    assert auto["device"]["model"] and "avx2" in auto["device"]["flags"]
+    for target in passed:
+        lat = by_target[target]["latency_ms"]["1x3x64x64"]
+        assert lat["median"] == pytest.approx(by_target[target]["median_ms"], abs=1e-3)
+        assert 0 < lat["p10"] <= lat["median"] <= lat["p90"] and lat["runs"] == 7
     assert result.manifest["latency_ms"]["1x3x64x64"]["median"] > 0
     bundle = load_bundle(result.bundle)  # checksums of the republished bundle hold
     assert bundle.manifest["auto"] == auto

@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench cpu-bench precision zoo reparam prune lint clean
+.PHONY: install demo test test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ bench: install
 	$(BIN)/python bench/cpu.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/precision.py
+	$(BIN)/python bench/upscale.py
+
+upscale-bench: install
+	$(BIN)/python bench/upscale.py
 
 cpu-bench: install
 	$(BIN)/python bench/cpu.py

@@ -1,3 +1,25 @@
-"""esr-deploy: a deployment compiler for efficient single-image super-resolution networks."""
+"""esr-deploy: a deployment compiler for efficient single-image super-resolution networks.
+
+The serving API: ``esr_deploy.load(bundle).upscale(image)`` (see :mod:`esr_deploy.serving`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from esr_deploy.serving import Upscaler
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "load"]
+
+
+def load(bundle: str | Path, max_memory: int | None = None) -> Upscaler:
+    """Load an engine bundle to upscale images with: ``load(b).upscale(array)``.
+
+    Imported lazily, so that ``import esr_deploy`` (and ``esr-deploy --help``) stays light.
+    """
+    from esr_deploy.serving import load as load_bundle_for_serving
+
+    return load_bundle_for_serving(bundle, max_memory=max_memory)

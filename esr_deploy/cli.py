@@ -581,6 +581,91 @@ def bench(
     _run(body, json_output)
 
 
+@app.command()
+def upscale(
+    bundle: Annotated[Path, typer.Argument(help="Engine bundle folder.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Images (PNG, JPEG, BMP, WebP, TIFF) or folders of images."),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the upscaled images (PNG).")
+    ],
+    tile: Annotated[
+        int | None,
+        typer.Option(
+            help="Tile size in LR pixels (default: untiled when the image fits the engine's "
+            "profile and --max-memory, else the largest tile that does)."
+        ),
+    ] = None,
+    overlap: Annotated[
+        int | None,
+        typer.Option(
+            help="Tile overlap in LR pixels per side (default: the receptive field computed "
+            "from the bundle's graph)."
+        ),
+    ] = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(help="GiB one engine call may use (default: half the available memory)."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON record per image on stdout.")
+    ] = False,
+) -> None:
+    """Upscale images with an engine bundle, tiled where they exceed its profile or memory.
+
+    Grey images stay grey, alpha is upscaled with bicubic interpolation and re-attached,
+    16-bit greyscale PNGs keep 16 bits. Unreadable files are skipped with a message; the exit
+    code is then 2.
+    """
+    _setup_logging(False)
+
+    def body() -> None:
+        from esr_deploy.errors import DataError
+        from esr_deploy.progress import RichProgress
+        from esr_deploy.serving import load, upscale_jobs
+
+        if tile is not None and tile < 1:
+            raise EsrDeployError(f"--tile {tile} is not a positive number of LR pixels.")
+        if overlap is not None and overlap < 0:
+            raise EsrDeployError(f"--overlap {overlap} is negative — give 0 or more.")
+        budget = None if max_memory is None else int(max_memory * 2**30)
+        jobs = upscale_jobs(inputs, out_dir)
+        upscaler = load(bundle, max_memory=budget)
+        err.print(
+            f"{upscaler.name}: x{upscaler.scale}; {upscaler.describe_tiling()}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        records, failed = upscaler.upscale_files(
+            jobs, tile, overlap, RichProgress(err), on_skip=lambda msg: _skip(msg)
+        )
+        for r in records:
+            if json_output:
+                sys.stdout.write(json.dumps(r) + "\n")
+            else:
+                out.print(
+                    f"{r['input']} → {r['output']}: {r['lr'][0]}×{r['lr'][1]} → "
+                    f"{r['sr'][0]}×{r['sr'][1]} {r['kind']}, {r['plan']}, {r['seconds']:.2f} s",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+        if failed:
+            raise DataError(
+                f"{failed} of {len(jobs)} images were skipped (messages above); "
+                f"{len(records)} written to {out_dir}."
+            )
+
+    _run(body)
+
+
+def _skip(message: str) -> None:
+    err.print(f"[yellow]skipped:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()

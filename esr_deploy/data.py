@@ -19,26 +19,31 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from esr_deploy.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImagePair",
+    "SourceImage",
     "ValidationSet",
     "cubic",
+    "grey_from_rgb",
     "imresize",
     "load_validation_set",
     "mod_crop",
     "read_image",
+    "read_source_image",
     "to_tensor",
     "to_uint8",
+    "write_image",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,6 +138,166 @@ def _pil_to_rgb(im: Image.Image, path: Path) -> np.ndarray:
     if mode in ("RGBA", "RGBX", "RGBa"):
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing images for upscaling (the serving side)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """An image as ``upscale`` reads it: colour planes, alpha, and how to write it back.
+
+    ``rgb`` is H×W×3, ``uint8``, or ``uint16`` for 16-bit greyscale sources (replicated to
+    three planes so the network sees RGB); ``alpha`` is H×W of the same dtype or ``None``;
+    ``grey`` says the image is written back with one colour channel.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    grey: bool
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.rgb.dtype == np.uint16 else 8
+
+    @property
+    def kind(self) -> str:
+        """``"RGB"``, ``"RGBA"``, ``"grey"``, ``"grey+alpha"``, with ``", 16-bit"`` if so."""
+        name = ("grey" if self.grey else "RGB") + ("+alpha" if self.alpha is not None else "")
+        if name == "RGB+alpha":
+            name = "RGBA"
+        return name + (", 16-bit" if self.bits == 16 else "")
+
+
+def _png_bit_depth(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, or ``None`` for other files."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def read_source_image(path: str | Path) -> SourceImage:
+    """Read an image to upscale, keeping what :func:`read_image` drops.
+
+    - grey (``L``, ``1``) is replicated to RGB and marked ``grey`` (written back as grey);
+    - alpha (``RGBA``, ``LA``, palette transparency) is returned separately: it is upscaled
+      with bicubic interpolation, not by the network, and re-attached;
+    - 16-bit greyscale PNGs keep their 16 bits (``uint16``); 16-bit *colour* PNGs are
+      refused, because Pillow decodes them to 8 bits and the result would silently lose
+      precision;
+    - EXIF orientation is applied (camera JPEGs are written upright).
+
+    Raises:
+        DataError: missing, unreadable, floating-point or 16-bit colour images, naming the
+            file and what was found.
+    """
+    p = Path(path)
+    depth = _png_bit_depth(p)
+    if depth is not None and depth[0] == 16 and depth[1] != 0:
+        raise DataError(
+            f"cannot upscale {p} — it is a 16-bit colour PNG (colour type {depth[1]}), and the "
+            "image reader (Pillow) decodes only the top 8 bits of such files — convert it to "
+            "8-bit colour (or 16-bit greyscale) first"
+        )
+    try:
+        with Image.open(p) as opened:
+            opened.load()
+            im = ImageOps.exif_transpose(opened) or opened
+            return _source_from_pil(im, p)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        kind = "not a recognised image" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise DataError(
+            f"cannot read image {p} — {kind}; found {_describe_file(p)} — "
+            f"give a readable image file ({', '.join(IMAGE_EXTENSIONS)})"
+        ) from e
+
+
+def _source_from_pil(im: Image.Image, path: Path) -> SourceImage:
+    mode = im.mode
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "RGBa", "PA", "LA", "La"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+        grey = mode in ("LA", "La")
+        return SourceImage(np.ascontiguousarray(rgba[:, :, :3]), rgba[:, :, 3].copy(), grey)
+    if mode in ("L", "1"):
+        return SourceImage(_pil_to_rgb(im, path), None, grey=True)
+    if mode in _SIXTEEN_BIT_MODES:
+        v = np.asarray(im, dtype=np.int64)
+        if v.size and (v.min() < 0 or v.max() > 65535):
+            raise DataError(
+                f"cannot read image {path} — 32-bit integer image with values in "
+                f"[{v.min()}, {v.max()}], outside the 16-bit range — save it as 8- or 16-bit"
+            )
+        grey16 = v.astype(np.uint16)
+        return SourceImage(np.repeat(grey16[:, :, None], 3, axis=2), None, grey=True)
+    return SourceImage(_pil_to_rgb(im, path), None, grey=False)
+
+
+#: WebP lossless, JPEG at quality 95: an upscaler should not add visible compression loss
+_SAVE_OPTIONS: dict[str, dict[str, object]] = {"WEBP": {"lossless": True}, "JPEG": {"quality": 95}}
+
+
+def grey_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """H×W×3 → H×W luma ``Y = 0.299 R + 0.587 G + 0.114 B`` (BT.601, as Pillow's ``L``), in
+    the input's dtype (integers rounded half up and saturated)."""
+    y = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if np.issubdtype(rgb.dtype, np.floating):
+        return y.astype(rgb.dtype)
+    peak = float(np.iinfo(rgb.dtype).max)
+    return np.clip(np.floor(y + 0.5), 0.0, peak).astype(rgb.dtype)
+
+
+def write_image(path: str | Path, image: SourceImage) -> None:
+    """Write ``image`` to ``path`` (format from the suffix; WebP lossless), atomically.
+
+    Grey images are written with one channel (``L``/``LA``, or ``I;16`` for 16-bit: luma
+    ``Y = 0.299 R + 0.587 G + 0.114 B`` of the three planes, which the network returns almost
+    equal), alpha re-attached. The file is written beside ``path`` under a temporary name and
+    renamed, so an interrupted run never leaves a truncated image.
+    """
+    p = Path(path)
+    rgb = image.rgb
+    if image.grey:
+        plane = grey_from_rgb(rgb)
+        if image.bits == 16:
+            pil = Image.fromarray(plane)
+            if image.alpha is not None:
+                raise DataError(f"cannot write {p} — 16-bit grey with alpha is not supported")
+        elif image.alpha is not None:
+            pil = Image.fromarray(np.stack([plane, image.alpha], axis=2))
+        else:
+            pil = Image.fromarray(plane)
+    elif image.alpha is not None:
+        pil = Image.fromarray(np.dstack([rgb, image.alpha]))
+    else:
+        pil = Image.fromarray(rgb)
+    suffix = p.suffix.lower()
+    if suffix in (".jpg", ".jpeg") and pil.mode in ("RGBA", "LA"):
+        raise DataError(
+            f"cannot write {p} — JPEG has no alpha channel and this image has one — "
+            "write PNG or WebP instead"
+        )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.part")
+    try:
+        fmt = Image.registered_extensions().get(suffix, "PNG")
+        pil.save(tmp, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {p} — {e.strerror or e} — check the output folder") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

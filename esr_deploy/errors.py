@@ -83,3 +83,8 @@ class TargetUnavailable(EsrDeployError):
 
 class BundleError(EsrDeployError):
     """An engine bundle is missing files, corrupt, or was built for another machine."""
+
+
+class TilingError(EsrDeployError):
+    """A tiled run cannot be planned or assembled (bad tile size, image smaller than the
+    network's minimum input, a graph whose receptive field cannot be read)."""

@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -95,20 +98,38 @@ def read_image(path: str | Path) -> np.ndarray:
             (floating point); the message names the path and what was found there.
     """
     p = Path(path)
+    arr = _decode(p, _pil_to_rgb, upright=False)
+    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3, arr.shape
+    return np.ascontiguousarray(arr)
+
+
+def _decode(path: Path, convert: Callable[[Image.Image, Path], T], upright: bool) -> T:
+    """Open, decode and ``convert`` an image; every failure becomes a :class:`DataError`
+    naming the file and what is there. ``upright``: apply the EXIF orientation first."""
     try:
-        with Image.open(p) as im:
-            im.load()
-            arr = _pil_to_rgb(im, p)
+        with Image.open(path) as opened:
+            opened.load()
+            im = (ImageOps.exif_transpose(opened) or opened) if upright else opened
+            return convert(im, path)
     except DataError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         kind = "not a recognised image" if isinstance(e, UnidentifiedImageError) else str(e)
         raise DataError(
-            f"cannot read image {p} — {kind}; found {_describe_file(p)} — "
+            f"cannot read image {path} — {kind}; found {_describe_file(path)} — "
             f"give a readable image file ({', '.join(IMAGE_EXTENSIONS)})"
         ) from e
-    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3, arr.shape
-    return np.ascontiguousarray(arr)
+
+
+def _sixteen_bit(im: Image.Image, path: Path) -> np.ndarray:
+    """A 16-bit (or 32-bit integer holding 16-bit values) grey image as ``uint16`` H×W."""
+    v = np.asarray(im, dtype=np.int64)
+    if v.size and (v.min() < 0 or v.max() > 65535):
+        raise DataError(
+            f"cannot read image {path} — 32-bit integer image with values in "
+            f"[{v.min()}, {v.max()}], outside the 16-bit range — save it as 8- or 16-bit"
+        )
+    return v.astype(np.uint16)
 
 
 def _pil_to_rgb(im: Image.Image, path: Path) -> np.ndarray:
@@ -120,12 +141,7 @@ def _pil_to_rgb(im: Image.Image, path: Path) -> np.ndarray:
         grey = np.asarray(im.convert("L"), dtype=np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if mode in _SIXTEEN_BIT_MODES:
-        v = np.asarray(im, dtype=np.int64)
-        if v.size and (v.min() < 0 or v.max() > 65535):
-            raise DataError(
-                f"cannot read image {path} — 32-bit integer image with values in "
-                f"[{v.min()}, {v.max()}], outside the 16-bit range — save it as 8- or 16-bit"
-            )
+        v = _sixteen_bit(im, path)
         grey8 = np.floor(v * (255.0 / 65535.0) + 0.5).astype(np.uint8)
         return np.repeat(grey8[:, :, None], 3, axis=2)
     if mode in ("F",):
@@ -206,19 +222,7 @@ def read_source_image(path: str | Path) -> SourceImage:
             "image reader (Pillow) decodes only the top 8 bits of such files — convert it to "
             "8-bit colour (or 16-bit greyscale) first"
         )
-    try:
-        with Image.open(p) as opened:
-            opened.load()
-            im = ImageOps.exif_transpose(opened) or opened
-            return _source_from_pil(im, p)
-    except DataError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        kind = "not a recognised image" if isinstance(e, UnidentifiedImageError) else str(e)
-        raise DataError(
-            f"cannot read image {p} — {kind}; found {_describe_file(p)} — "
-            f"give a readable image file ({', '.join(IMAGE_EXTENSIONS)})"
-        ) from e
+    return _decode(p, _source_from_pil, upright=True)
 
 
 def _source_from_pil(im: Image.Image, path: Path) -> SourceImage:
@@ -232,13 +236,7 @@ def _source_from_pil(im: Image.Image, path: Path) -> SourceImage:
     if mode in ("L", "1"):
         return SourceImage(_pil_to_rgb(im, path), None, grey=True)
     if mode in _SIXTEEN_BIT_MODES:
-        v = np.asarray(im, dtype=np.int64)
-        if v.size and (v.min() < 0 or v.max() > 65535):
-            raise DataError(
-                f"cannot read image {path} — 32-bit integer image with values in "
-                f"[{v.min()}, {v.max()}], outside the 16-bit range — save it as 8- or 16-bit"
-            )
-        grey16 = v.astype(np.uint16)
+        grey16 = _sixteen_bit(im, path)
         return SourceImage(np.repeat(grey16[:, :, None], 3, axis=2), None, grey=True)
     return SourceImage(_pil_to_rgb(im, path), None, grey=False)
 

@@ -52,9 +52,11 @@ the numerators ``n`` (RLFN: stride 2 then 3 in its ESA, alignment 6).
 output depends on the whole image (ReduceMean over H/W, global pooling, instance/group
 normalisation, softmax over a spatial axis: ``global_nodes``); Resize whose output size or
 scale is read from another tensor's shape, so that its sampling positions depend on the image
-size (RLFN's ESA: ``size_dependent_nodes``; the field computed for them is still used, the
-tiles then match closely but not bit-exactly; element-wise ops on values computed from the
-image size are listed there too); ops on spatial tensors this analysis does not know, including
+size (RLFN's ESA: ``size_dependent_nodes``; the field computed for them is still used, but a
+tile samples them elsewhere than the whole image does, 48–51 dB from the untiled output on
+Set14's baboon, unless the runner gives them the whole image's positions, as
+:mod:`esr_deploy.resize_geometry` does; element-wise ops on values computed from the image
+size are listed there too); ops on spatial tensors this analysis does not know, including
 coordinate grids built with Range from the image size (``unknown_nodes``).
 
 The field is an upper bound: it is exact for chains of convolutions, pooling, pixel shuffles and

@@ -194,13 +194,19 @@ class Upscaler:
 
     def describe_tiling(self) -> str:
         """One sentence: the receptive field and whether tiles are exact, and why."""
-        text = self.field.describe()
-        if self.field.size_dependent_nodes and self.exact_tiles:
+        f = self.field
+        if not self.exact_tiles:
+            return f.describe()
+        radius = (
+            f"±{f.radius[0]}" if f.radius[0] == f.radius[1] else f"±{f.radius[0]}×{f.radius[1]}"
+        )
+        text = f"receptive field {radius} LR pixels, windows aligned to {max(f.alignment)}"
+        if f.size_dependent_nodes:
             text += (
-                " — tiles run the engine's graph with those resizes given the whole image's "
-                "sampling positions, so tiles are exact"
+                f"; {len(f.size_dependent_nodes)} Resize nodes sample at positions that depend "
+                "on the image size, and tiles give them the whole image's positions"
             )
-        return text
+        return text + ": tiles equal the untiled output"
 
     @property
     def name(self) -> str:
@@ -368,9 +374,10 @@ class Upscaler:
                 write_image(job.output, result)
             except (DataError, TilingError) as exc:
                 skipped += 1
-                log.warning("skipped %s: %s", job.input, exc)
                 if on_skip is not None:
                     on_skip(str(exc))
+                else:
+                    log.warning("skipped %s: %s", job.input, exc)
                 continue
             records.append(
                 {

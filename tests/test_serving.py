@@ -371,7 +371,7 @@ def test_rlfn_tiled_matches_untiled_on_a_real_image(
     assert field.global_nodes == () and field.unknown_nodes == ()
     assert field.size_dependent_nodes  # ESA's resize back to the input size
     assert field.alignment == (6, 6)  # ESA: a stride-2 conv, then a stride-3 max pool
-    assert rlfn.exact_tiles and "tiles are exact" in rlfn.describe_tiling()
+    assert rlfn.exact_tiles and "whole image's positions" in rlfn.describe_tiling()
     image = read_image(next((sr_data_dir / "Set14" / "HR").glob("baboon.*")))
     lr = image.transpose(2, 0, 1)[None].astype(np.float32)  # RLFN's range is 0..255
     h, w = image.shape[:2]

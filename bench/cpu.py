@@ -13,7 +13,8 @@ and 720×1280 LR, so machine noise hits all alike; ratios are of medians from th
 Set5 PSNR-Y and its drop against the fp32 model are measured for every variant. Results also
 go to bench/out/cpu.json.
 
-    python bench/cpu.py [--models rlfn_x4] [--runs 7] [--large-runs 3] [--no-compile]
+    python bench/cpu.py [--models rlfn_x4] [--targets ov-bf16 ...] [--runs 7] [--large-runs 3]
+                         [--no-compile]
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def _aoti_bf16(model: torch.nn.Module, folder: Path) -> Callable[[torch.Tensor],
     return run
 
 
-def bench_model(name: str, runs: int, large_runs: int, compiled: bool) -> list[dict]:
+def bench_model(
+    name: str, runs: int, large_runs: int, compiled: bool, targets: tuple[str, ...]
+) -> list[dict]:
     weights = SHARED / "weights" / CHECKPOINTS[name]
     recipe = find_recipe(name)
     model = recipe.build_model()
@@ -130,7 +133,7 @@ def bench_model(name: str, runs: int, large_runs: int, compiled: bool) -> list[d
                      "set5_drop": result.psnr_drop, "passed": None})  # fmt: skip
         runners[label] = lambda a, f=fn: f(torch.from_numpy(a))
     with tempfile.TemporaryDirectory() as tmp:
-        for target in AUTO_CANDIDATES:
+        for target in targets:
             status = availability(get_target(target))
             if not status.ok:
                 rows.append({"variant": target, "skipped": status.reason})
@@ -185,6 +188,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["rlfn_x4"])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument(
+        "--targets", nargs="*", default=list(AUTO_CANDIDATES), help="esr-deploy targets to time"
+    )
     parser.add_argument("--large-runs", type=int, default=3)
     parser.add_argument(
         "--no-compile", action="store_true", help="skip torch.compile and AOTInductor"
@@ -194,7 +200,9 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     everything = []
     for name in args.models:
-        rows = bench_model(name, args.runs, args.large_runs, not args.no_compile)
+        rows = bench_model(
+            name, args.runs, args.large_runs, not args.no_compile, tuple(args.targets)
+        )
         everything += rows
         ref = _ms(rows, "eager deploy form fp32")
         bf16 = _ms(rows, "eager bf16 channels_last")

@@ -22,7 +22,7 @@ from rich.table import Table
 from esr_deploy import __version__
 from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
 from esr_deploy.precision import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
-from esr_deploy.validate.regression import DEFAULT_MAX_REGRESSION
+from esr_deploy.validate.regression import DEFAULT_MAX_REGRESSION, parse_shape
 from esr_deploy.validate.regression import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
 from esr_deploy.validate.regression import DEFAULT_WARMUP as DEFAULT_BENCH_WARMUP
 
@@ -65,20 +65,6 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=err, show_path=False, show_time=False)],
         force=True,
     )
-
-
-def _parse_shape(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise EsrDeployError(
-            f"--latency-shape '{text}' is not a shape — write it as HxW, e.g. 256x256."
-        ) from None
-    if h < 1 or w < 1:
-        raise EsrDeployError(
-            f"--latency-shape '{text}' has a side below 1 — give positive sides, e.g. 256x256."
-        )
-    return h, w
 
 
 def _parse_passes(text: str | None) -> tuple[str, ...] | None:
@@ -294,7 +280,7 @@ def compile_cmd(
         shapes = (
             ()
             if no_latency
-            else tuple(_parse_shape(s) for s in latency_shape)
+            else tuple(parse_shape(s, "--latency-shape") for s in latency_shape)
             if latency_shape
             else DEFAULT_LATENCY_SHAPES
         )
@@ -529,7 +515,6 @@ def bench(
             compare_bundles,
             compare_to_baseline,
             parse_max_regression,
-            parse_shape,
         )
 
         if against is not None and baseline is not None:

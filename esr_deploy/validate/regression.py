@@ -603,6 +603,40 @@ def _resolve_shape(options: BenchOptions, engines: Sequence[LoadedEngine]) -> HW
     return shape
 
 
+def _report(
+    options: BenchOptions,
+    shape: HW,
+    key: str,
+    candidate: EngineTiming,
+    reference: EngineTiming | None = None,
+    reference_kind: str = "none",
+    interval: tuple[float | None, float | None, float | None] = (None, None, None),
+    warnings: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> BenchReport:
+    """A :class:`BenchReport` with the settings it was timed with taken from ``options``;
+    ``interval``: (ratio, CI low, CI high)."""
+    ratio, low, high = interval
+    return BenchReport(
+        shape=shape,
+        input_key=key,
+        runs=options.runs,
+        warmup=options.warmup,
+        candidate=candidate,
+        reference=reference,
+        reference_kind=reference_kind,
+        ratio=ratio,
+        ci_low=low,
+        ci_high=high,
+        confidence=options.confidence,
+        resamples=options.resamples,
+        max_regression=options.max_regression,
+        rewarm=options.rewarm,
+        warnings=tuple(warnings),
+        notes=tuple(notes),
+    )
+
+
 # ------------------------------------------------------------------------------ benches
 
 
@@ -616,21 +650,8 @@ def bench_bundle(candidate: str | Path, options: BenchOptions | None = None) -> 
     _check_run(engine, x)
     (stats,), _ = _timed_rounds([partial(engine.session.run, x)], options)
     log.info("bench %s at %s: median %.3f ms", engine.label, shape, stats.median_ms)
-    return BenchReport(
-        shape=shape,
-        input_key=input_key(engine.manifest, shape),
-        runs=options.runs,
-        warmup=options.warmup,
-        candidate=_timing("candidate", engine, stats),
-        reference=None,
-        reference_kind="none",
-        ratio=None,
-        ci_low=None,
-        ci_high=None,
-        confidence=options.confidence,
-        resamples=options.resamples,
-        max_regression=options.max_regression,
-        rewarm=options.rewarm,
+    return _report(
+        options, shape, input_key(engine.manifest, shape), _timing("candidate", engine, stats)
     )
 
 
@@ -675,22 +696,15 @@ def compare_bundles(
         low,
         high,
     )
-    return BenchReport(
-        shape=shape,
-        input_key=input_key(cand.manifest, shape),
-        runs=options.runs,
-        warmup=options.warmup,
-        candidate=_timing("candidate", cand, stats_cand),
-        reference=_timing("reference", ref, stats_ref),
-        reference_kind="bundle",
-        ratio=ratio,
-        ci_low=low,
-        ci_high=high,
-        confidence=options.confidence,
-        resamples=options.resamples,
-        max_regression=options.max_regression,
-        rewarm=options.rewarm,
-        warnings=tuple(warnings),
+    return _report(
+        options,
+        shape,
+        input_key(cand.manifest, shape),
+        _timing("candidate", cand, stats_cand),
+        _timing("reference", ref, stats_ref),
+        "bundle",
+        (ratio, low, high),
+        warnings,
     )
 
 
@@ -834,23 +848,16 @@ def compare_to_baseline(
         ),
         measured=False,
     )
-    return BenchReport(
-        shape=shape,
-        input_key=key,
-        runs=options.runs,
-        warmup=options.warmup,
-        candidate=_timing("candidate", engine, stats),
-        reference=reference,
-        reference_kind="baseline",
-        ratio=ratio,
-        ci_low=low,
-        ci_high=high,
-        confidence=options.confidence,
-        resamples=options.resamples,
-        max_regression=options.max_regression,
-        rewarm=options.rewarm,
-        warnings=tuple(warnings),
-        notes=notes,
+    return _report(
+        options,
+        shape,
+        key,
+        _timing("candidate", engine, stats),
+        reference,
+        "baseline",
+        (ratio, low, high),
+        warnings,
+        notes,
     )
 
 

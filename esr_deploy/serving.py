@@ -184,7 +184,8 @@ class Upscaler:
         self.max_memory = max_memory
         self._geometry: _ExactResizeTiles | None = None
         if self.field.size_dependent_nodes and engine_graph is not None:
-            self._geometry = _ExactResizeTiles.of(engine_graph)
+            known = self.field if engine_graph is graph else None
+            self._geometry = _ExactResizeTiles.of(engine_graph, known)
 
     @property
     def exact_tiles(self) -> bool:
@@ -331,9 +332,14 @@ class Upscaler:
         Returns the same kind: an array of the input's layout and dtype, or a SourceImage.
         """
         source = image if isinstance(image, SourceImage) else _as_source(image)
-        fmt = PixelFormat.of(source.rgb)
         h, w = source.rgb.shape[:2]
-        plan = self.plan(h, w, tile, overlap, max_memory)
+        result = self._upscale_source(source, self.plan(h, w, tile, overlap, max_memory), on_tile)
+        return result if isinstance(image, SourceImage) else _as_array(result, image)
+
+    def _upscale_source(
+        self, source: SourceImage, plan: TilePlan, on_tile: Callable[[], None] | None
+    ) -> SourceImage:
+        fmt = PixelFormat.of(source.rgb)
         lr = source.rgb.transpose(2, 0, 1)[None].astype(np.float32)
         if fmt.peak != self.data_range:
             lr *= np.float32(self.data_range / fmt.peak)
@@ -343,8 +349,7 @@ class Upscaler:
         if source.alpha is not None:
             a = imresize(source.alpha, float(self.scale))  # uint8 in, uint8 out
             alpha = a if a.dtype == source.alpha.dtype else PixelFormat.of(source.alpha).cast(a)
-        result = SourceImage(rgb, alpha, source.grey)
-        return result if isinstance(image, SourceImage) else _as_array(result, image)
+        return SourceImage(rgb, alpha, source.grey)
 
     def upscale_files(
         self,
@@ -369,7 +374,7 @@ class Upscaler:
                 plan = self.plan(h, w, tile, overlap)
                 start = time.perf_counter()
                 with progress.task(job.input.name, len(plan.tiles)) as advance:
-                    result = self.upscale(source, tile, overlap, on_tile=advance)
+                    result = self._upscale_source(source, plan, advance)
                 seconds = time.perf_counter() - start
                 write_image(job.output, result)
             except (DataError, TilingError) as exc:
@@ -460,9 +465,12 @@ class _ExactResizeTiles:
         self._session: Any = None
 
     @classmethod
-    def of(cls, graph: onnx.ModelProto) -> _ExactResizeTiles | None:
-        """For ``graph`` if all its size-dependent resizes can be rewritten, else None."""
-        field = receptive_field(graph)
+    def of(
+        cls, graph: onnx.ModelProto, field: ReceptiveField | None = None
+    ) -> _ExactResizeTiles | None:
+        """For ``graph`` (whose receptive field is ``field``, computed if not given) if all
+        its size-dependent resizes can be rewritten, else None."""
+        field = field or receptive_field(graph)
         nodes = {n.name: n for n in graph.graph.node}
         if not field.size_dependent_nodes or not all(
             name in nodes and rewritable(nodes[name]) for name in field.size_dependent_nodes
@@ -483,13 +491,14 @@ class _ExactResizeTiles:
         return run
 
 
-def _engine_graph(bundle: Bundle) -> onnx.ModelProto | None:
-    """The ONNX graph an ONNX Runtime CPU engine runs, rebuilt from the bundle, or None."""
+def _engine_graph(bundle: Bundle, reference: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The ONNX graph an ONNX Runtime CPU engine runs, rebuilt from the bundle, or None;
+    ``reference`` is the bundle's fp32 ONNX (what an fp32 engine runs)."""
     m = bundle.manifest
     if m.get("backend") != "onnxruntime":
         return None
     if m.get("precision") == "fp32":
-        return onnx.load(str(bundle.path / m.get("reference_onnx", REFERENCE_ONNX)))
+        return reference
     if m.get("precision") == "int8" and m.get("precision_onnx"):
         from esr_deploy.backends.onnxruntime import lower_int8_activations
 
@@ -534,4 +543,4 @@ def load(bundle: str | Path, max_memory: int | None = None, verify: bool = True)
     session = backend.load(loaded.engine_path, manifest["engine"]["settings"])
     graph = onnx.load(str(loaded.path / manifest.get("reference_onnx", REFERENCE_ONNX)))
     budget = max_memory or int(DEFAULT_MEMORY_FRACTION * available_memory())
-    return Upscaler(loaded, session, graph, budget, _engine_graph(loaded))
+    return Upscaler(loaded, session, graph, budget, _engine_graph(loaded, graph))

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 from test_cli import OUT, assert_refused, esr_deploy, one_error
 
@@ -42,8 +41,6 @@ from esr_deploy.precision.fp16 import convert_fp16
 from esr_deploy.precision.int8 import name_nodes
 from esr_deploy.targets import availability, get_target
 from esr_deploy.validate.parity import model_input
-
-torch.set_num_threads(1)
 
 INT8_DROP_DB = 0.15
 FP16_DROP_DB = 0.02

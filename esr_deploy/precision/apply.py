@@ -26,11 +26,13 @@ from esr_deploy.errors import DataError, EsrDeployError, ValidationError
 from esr_deploy.precision import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from esr_deploy.precision.calibration import CalibrationSet, collect_stats
 from esr_deploy.precision.int8 import (
+    INT8_MAX,
     Int8Result,
     name_nodes,
     quantize_int8,
     sensitivity_candidates,
 )
+from esr_deploy.precision.int8_kernels import Int8Kernels
 from esr_deploy.precision.sensitivity import Accept, search
 from esr_deploy.progress import NullProgress, Progress
 
@@ -137,8 +139,16 @@ def make_int8(
     options: PrecisionOptions,
     accept: Accept,
     progress: Progress | None = None,
+    kernels: Int8Kernels | None = None,
 ) -> PrecisionOnnx:
+    """``kernels``: what the engine's runtime measured on this CPU; its ``weight_max`` sets
+    the weights' range (None: a runtime that accumulates in int32, full ±127)."""
     progress = progress or NullProgress()
+    weight_max = INT8_MAX if kernels is None else kernels.weight_max
+    if weight_max is None:
+        raise EsrDeployError(
+            f"int8 is not offered on this CPU — {kernels.reason if kernels else ''}."
+        )
     model = name_nodes(onnx.load(str(fp32_path)))
     stats = collect_stats(model, calib, progress, options.cache_dir)
 
@@ -147,6 +157,7 @@ def make_int8(
             model,
             lambda t: stats.amax(t, options.method, options.percentile),
             (*options.keep_float, *exclude),
+            weight_max,
         )
 
     candidates = [n for n in sensitivity_candidates(model) if n not in options.keep_float]
@@ -160,9 +171,11 @@ def make_int8(
             "from_cache": stats.from_cache,
         },
         "activations": "per-tensor symmetric int8, zero point 0",
-        "weights": "per-output-channel symmetric int8 (narrow range), bias float32",
+        "weights": f"per-output-channel symmetric int8 in ±{weight_max}, bias float32",
         "kept_float_by_user": list(options.keep_float),
     }
+    if kernels is not None:
+        info["int8_kernels"] = kernels.to_dict()
     if options.search:
         found = search(model, quantize, candidates, calib.inputs, accept, progress)
         result = found.result

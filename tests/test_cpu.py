@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from esr_deploy import cpu
-from esr_deploy.backends.openvino import OpenVinoCPU
+from esr_deploy.backends.openvino import _hint, capabilities
 from esr_deploy.targets import availability, get_target
 
 DATA = Path(__file__).parent / "data"
@@ -58,8 +58,10 @@ def test_bf16_targets_exist_exactly_where_bf16_is_native(target: str) -> None:
     if not native:
         assert not status.ok and "not native" in status.reason
     else:
-        from esr_deploy.backends.openvino import capabilities
-
         assert status.ok is ("BF16" in capabilities()), status.reason
-    settings_hint = OpenVinoCPU()._config("bf16" if native else "f32", 1)
-    assert settings_hint["INFERENCE_PRECISION_HINT"] in ("bf16", "f32")
+
+
+def test_ov_int8_runs_its_float_part_in_bf16_only_where_bf16_is_native() -> None:
+    hint = _hint("int8", capabilities())
+    native = cpu.bf16_unavailable_reason() == "" and "BF16" in capabilities()
+    assert hint == ("bf16" if native else "f32")

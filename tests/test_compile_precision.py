@@ -35,9 +35,10 @@ from esr_deploy.compiler import (
 )
 from esr_deploy.export import derive_input_range, export_onnx
 from esr_deploy.paths import recipes_dir
-from esr_deploy.precision.apply import FP16_MAX, PrecisionOptions, fp16_range
+from esr_deploy.precision.apply import PrecisionOptions
+from esr_deploy.precision.base import fp16_range
 from esr_deploy.precision.calibration import calibration_set, collect_stats
-from esr_deploy.precision.fp16 import convert_fp16
+from esr_deploy.precision.fp16 import FP16_MAX, convert_fp16
 from esr_deploy.precision.int8 import name_nodes
 from esr_deploy.targets import availability, get_target
 from esr_deploy.validate.parity import model_input

@@ -19,13 +19,13 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import tomllib
 import torch
 from torch import nn
 

@@ -32,10 +32,11 @@ import torch
 # rootdir-less folder by their basename, with tests/ on sys.path).
 from test_checkpoint import _retag_cuda
 
-from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, REPORT, load_bundle, sha256_file
+from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, REPORT, sha256_file
 from esr_deploy.compiler import CompileOptions, CompileResult, ModelSource, compile_model
 from esr_deploy.data import imresize, load_validation_set, mod_crop, read_image, to_tensor, to_uint8
 from esr_deploy.paths import default_val_dir, example_checkpoint
+from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import require_available
 from esr_deploy.validate.quality import psnr_y
 from esr_deploy.validate.report import REPORT_HTML
@@ -170,7 +171,7 @@ def test_zoo_bundle_serves_in_its_data_range(zoo_bundle: Compiled, sr_data_dir: 
     """A serving team loads the bundle and feeds LR in manifest["data_range"]: it gets the
     validated PSNR; feeding the other range (0..1 vs 0..255) visibly breaks the output."""
     m = zoo_bundle.result.manifest
-    bundle = load_bundle(zoo_bundle.result.bundle)  # verifies every checksum
+    bundle = open_bundle(zoo_bundle.result.bundle)  # verifies every checksum
     _, backend = require_available(m["target"])
     session = backend.load(bundle.engine_path, m["engine"]["settings"])
     data_range = float(m["data_range"])

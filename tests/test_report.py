@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from esr_deploy.bundle import MANIFEST, REPORT, load_bundle
+from esr_deploy.bundle import MANIFEST, REPORT
 from esr_deploy.compiler import CompileOptions, CompileResult, ModelSource, compile_model
 from esr_deploy.data import ImagePair, imresize, load_validation_set
 from esr_deploy.paths import default_val_dir
 from esr_deploy.recipe import Recipe
+from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import availability, get_target
 from esr_deploy.validate.figures import (
     COMPARISON_IMAGES,
@@ -503,7 +504,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
 
 
 def _assert_report_files(bundle: Path) -> dict[str, Any]:
-    checked = load_bundle(bundle)  # every checksum holds
+    checked = open_bundle(bundle)  # every checksum holds
     manifest = dict(checked.manifest)
     md = (bundle / REPORT).read_text(encoding="utf-8")
     page = (bundle / REPORT_HTML).read_text(encoding="utf-8")

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import esr_deploy
 from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU
-from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, SCHEMA_VERSION
+from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, SCHEMA_VERSION, sha256_file
 from esr_deploy.cli import app
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.data import imresize, read_image, read_source_image, write_image
@@ -89,9 +89,15 @@ def _write_bundle(
         "schema_version": SCHEMA_VERSION,
         "name": "tiny_sr",
         "target": "ort-fp32",
+        "precision": "fp32",
+        "backend": backend.name,
         "scale": SCALE,
         "data_range": 255.0,
         "color_order": "RGB",
+        "layout": "NCHW",
+        "inputs": [{"name": "lr", "dtype": "float32", "shape": ["N", 3, "H", "W"]}],
+        "outputs": [{"name": "sr", "dtype": "float32", "shape": ["N", 3, "H*2", "W*2"]}],
+        "checkpoint": {},
         "reference_onnx": REFERENCE_ONNX,
         "export": {"input_range": {"min_hw": list(min_hw)}},
         "profile": {"min": list(min_hw), "opt": [64, 64], "max": list(max_hw)},
@@ -101,7 +107,11 @@ def _write_bundle(
             "device": backend.device(),
             "settings": {"intra_op_num_threads": 1},
         },
-        "files": {},
+        "passes": [],
+        "metrics": {},
+        "validation": {},
+        "latency_ms": {},
+        "files": {name: sha256_file(folder / name) for name in (REFERENCE_ONNX, "engine.onnx")},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     return folder

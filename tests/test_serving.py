@@ -280,6 +280,31 @@ def test_image_smaller_than_the_minimum_is_padded_and_cropped(tmp_path: Path) ->
     assert np.array_equal(out, up.upscale(padded)[:14, :18])
 
 
+def test_thin_image_is_mirrored_up_as_promised(tmp_path: Path) -> None:
+    """3000×1 with a 15×15 minimum: mirrored up to 15 wide (the column repeats), tiled along
+    its length, cropped back; equal to upscaling the mirrored image."""
+    up = load(_write_bundle(tmp_path / "b", min_hw=(15, 15), max_hw=(256, 256)))
+    img = np.random.default_rng(4).integers(0, 256, (3000, 1, 3), dtype=np.uint8)
+    out = up.upscale(img)
+    assert out.shape == (6000, 2, 3)
+    mirrored = np.repeat(img, 15, axis=1)
+    assert np.array_equal(out, up.upscale(mirrored)[:, :2])
+
+
+def test_empty_and_non_finite_arrays_are_refused(tiny: Upscaler) -> None:
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5), np.float32)):
+        with pytest.raises(DataError, match="empty array"):
+            tiny.upscale(empty)
+    bad = np.full((8, 8, 3), 0.5, np.float32)
+    for value in (np.nan, -np.inf):
+        image = bad.copy()
+        image[2, 3, 1] = value
+        with pytest.raises(DataError, match="1 NaN or infinite values"):
+            tiny.upscale(image)
+    with pytest.raises(DataError, match="192 NaN"):
+        tiny.upscale(np.full((8, 8, 3), np.nan, np.float32))
+
+
 def test_global_attention_refuses_inexact_tiles(tmp_path: Path, real_lr: np.ndarray) -> None:
     up = load(_write_bundle(tmp_path / "gap", global_pool=True, max_hw=(40, 64)))
     assert up.field.global_nodes == ("attention_gap",) and not up.field.exact

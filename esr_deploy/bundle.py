@@ -68,7 +68,7 @@ def _is_bundle(folder: Path) -> str | None:
         manifest = read_manifest(folder, required=(("files", dict),))
         check_contents(folder.resolve(), manifest["files"])
     except EsrDeployError as exc:
-        return str(exc)
+        return str(exc).split(" — ")[0]  # what was seen, without the reader's advice
     return None
 
 

@@ -297,13 +297,16 @@ def used_files(manifest: Mapping[str, Any]) -> dict[str, str]:
 
 
 def check_used_listed(folder: Path, manifest: Mapping[str, Any], files: Mapping[str, str]) -> None:
+    """Every file the manifest uses is confined, listed and a regular file (not a FIFO or
+    device a backend would block on, even when checksums are not verified)."""
     for name, what in used_files(manifest).items():
-        confined(folder, name, what)
+        path = confined(folder, name, what)
         if str(PurePosixPath(name.replace("\\", "/"))) not in files:
             raise BundleError(
                 f"Bundle {folder} refused: {what} {name!r} is not listed in the manifest's "
                 "files with its SHA-256 — the bundle was edited; recompile it."
             )
+        _regular(folder, name, path)
 
 
 # ------------------------------------------------------------------------------ graphs

@@ -15,11 +15,13 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
 
 
-def load(bundle: str | Path, max_memory: int | None = None) -> Upscaler:
+def load(bundle: str | Path, max_memory: int | None = None, digest: str | None = None) -> Upscaler:
     """Load an engine bundle to upscale images with: ``load(b).upscale(array)``.
 
+    ``digest``: the bundle's ``sha256:…`` digest as ``esr-deploy compile`` printed it; any
+    other bundle is refused (pin bundles by digest, as container images are pinned).
     Imported lazily, so that ``import esr_deploy`` (and ``esr-deploy --help``) stays light.
     """
     from esr_deploy.serving import load as load_bundle_for_serving
 
-    return load_bundle_for_serving(bundle, max_memory=max_memory)
+    return load_bundle_for_serving(bundle, max_memory=max_memory, digest=digest)

@@ -39,6 +39,14 @@ out = Console()
 
 T = TypeVar("T")
 
+ExpectDigest = Annotated[
+    str | None,
+    typer.Option(
+        "--expect-digest",
+        help="Refuse the bundle unless its digest is this sha256:… (as `compile` printed it).",
+    ),
+]
+
 
 def _run(fn: Callable[[], T], json_output: bool = False) -> T:
     """Run a command body; turn EsrDeployError into a message and its exit code."""
@@ -324,6 +332,7 @@ def compile_cmd(
         )
         if json_output:
             sys.stdout.write(json.dumps(result.manifest, indent=2) + "\n")
+            err.print(f"digest: {result.digest}", highlight=False, markup=False)
             return
         out.print(_summary(result.manifest, result.bundle))
         if "auto" in result.manifest:
@@ -332,6 +341,7 @@ def compile_cmd(
         if result.manifest["latency_ms"]:
             out.print(_latency_table(result.manifest))
         out.print(f"bundle: {result.bundle}")
+        out.print(f"digest: {result.digest}  (pin it: --expect-digest)", highlight=False)
 
     _run(body, json_output)
 
@@ -398,6 +408,7 @@ def inspect(
     arch_args: Annotated[str | None, typer.Option()] = None,
     scale: Annotated[int | None, typer.Option()] = None,
     data_range: Annotated[float | None, typer.Option()] = None,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show what a checkpoint holds (architecture, metrics, input range) or a bundle's manifest."""
@@ -407,7 +418,7 @@ def inspect(
         from esr_deploy.inspection import inspect_bundle, inspect_checkpoint
 
         if path.is_dir():
-            info = inspect_bundle(path)
+            info = inspect_bundle(path, expect_digest)
         else:
             from esr_deploy.compiler import ModelSource
 
@@ -447,19 +458,40 @@ def validate(
     ] = None,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint for the PyTorch reference (default: the manifest's path)."),
+        typer.Option(
+            help="Checkpoint for the PyTorch reference (default: the bundle's fp32 ONNX is the "
+            "reference; nothing the bundle names is imported or read)."
+        ),
     ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", "-r", help="With --checkpoint: zoo recipe name or .toml path."),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="With --checkpoint: user architecture, pkg.module:Class.")
+    ] = None,
+    arch_args: Annotated[str | None, typer.Option(help="JSON constructor arguments.")] = None,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Re-run parity and task-quality validation of a bundle on this machine."""
     _setup_logging(False)
 
     def body() -> None:
-        from esr_deploy.compiler import validate_bundle
+        from esr_deploy.compiler import ModelSource
         from esr_deploy.errors import ValidationError
         from esr_deploy.progress import RichProgress
+        from esr_deploy.validate.rerun import validate_bundle
 
-        report = validate_bundle(bundle, tuple(val or ()), checkpoint, RichProgress(err))
+        if checkpoint is None and (recipe or arch or arch_args):
+            raise EsrDeployError(
+                "--recipe, --arch and --arch-args name the model of --checkpoint — give the "
+                "checkpoint too, or none of them to compare with the bundle's fp32 ONNX."
+            )
+        named = ModelSource(checkpoint, recipe, arch, arch_args) if checkpoint else None
+        report = validate_bundle(
+            bundle, tuple(val or ()), named, RichProgress(err), digest=expect_digest
+        )
         if json_output:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
@@ -501,6 +533,7 @@ def bench(
     ] = f"{DEFAULT_MAX_REGRESSION:.0%}",
     runs: Annotated[int, typer.Option(help="Timed rounds.")] = DEFAULT_BENCH_RUNS,
     warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = DEFAULT_BENCH_WARMUP,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout and nothing else.")
     ] = False,
@@ -527,6 +560,7 @@ def bench(
             runs=runs,
             warmup=warmup,
             max_regression=parse_max_regression(max_regression),
+            expect_digest=expect_digest,
         )
         options.check()
         if against is not None:
@@ -594,6 +628,7 @@ def upscale(
         float | None,
         typer.Option(help="GiB one engine call may use (default: half the available memory)."),
     ] = None,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON record per image on stdout.")
     ] = False,
@@ -617,7 +652,7 @@ def upscale(
             raise EsrDeployError(f"--overlap {overlap} is negative — give 0 or more.")
         budget = None if max_memory is None else int(max_memory * 2**30)
         jobs = upscale_jobs(inputs, out_dir)
-        upscaler = load(bundle, max_memory=budget)
+        upscaler = load(bundle, max_memory=budget, digest=expect_digest)
         err.print(
             f"{upscaler.name}: x{upscaler.scale}; {upscaler.describe_tiling()}",
             highlight=False,

@@ -34,11 +34,10 @@ from esr_deploy.bundle import (
     SCHEMA_VERSION,
     StagedBundle,
     check_writable,
-    load_bundle,
 )
 from esr_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_weights
 from esr_deploy.data import ValidationSet, load_validation_set
-from esr_deploy.errors import BundleError, EsrDeployError, KeyMismatchError, ValidationError
+from esr_deploy.errors import EsrDeployError, KeyMismatchError, ValidationError
 from esr_deploy.export import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -61,14 +60,11 @@ from esr_deploy.precision.calibration import calibration_set
 from esr_deploy.precision.int8 import Int8Result
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import (
-    DEFAULT_TOLERANCES,
     Recipe,
     ShapeProfile,
-    Tolerances,
     describe_closest,
     detect_recipe,
     find_recipe,
-    parse_recipe,
     rank_recipes,
     recipe_from_arch,
 )
@@ -151,6 +147,8 @@ class CompileResult:
     bundle: Path
     manifest: dict[str, Any]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: ``sha256:…`` of the canonical manifest (:mod:`esr_deploy.runtime.bundle_reader`)
+    digest: str = ""
 
 
 def check_options(options: CompileOptions) -> None:
@@ -674,90 +672,6 @@ def compile_model(
         write_report(staged.dir / REPORT, manifest)
         manifest = staged.write_manifest(manifest)
         bundle = staged.commit()
-    return CompileResult(bundle=bundle, manifest=manifest, notes=loaded.notes)
-
-
-def _reference_from_manifest(
-    manifest: dict[str, Any], bundle: Path, checkpoint: Path | None
-) -> tuple[ReferenceRun, str]:
-    """The PyTorch training-form model when its checkpoint is at hand, else the bundle's ONNX."""
-    path = checkpoint or Path(manifest["checkpoint"]["path"])
-    if path.is_file():
-        ckpt = load_checkpoint(path)
-        if ckpt.sha256 != manifest["checkpoint"]["sha256"]:
-            raise BundleError(
-                f"Checkpoint {path} has SHA-256 {ckpt.sha256}, the bundle was built from "
-                f"{manifest['checkpoint']['sha256']} — pass the original with --checkpoint."
-            )
-        recipe = recipe_from_manifest(manifest)
-        model = recipe.build_model()
-        load_weights(model, ckpt)
-        return model.eval(), f"PyTorch fp32 model from {path}"
-    return _onnx_reference(bundle / manifest["reference_onnx"]), (
-        f"the bundle's fp32 ONNX ({manifest['reference_onnx']}); checkpoint {path} "
-        "not found (pass --checkpoint for the PyTorch reference)"
+    return CompileResult(
+        bundle=bundle, manifest=manifest, notes=loaded.notes, digest=staged.digest or ""
     )
-
-
-def _onnx_reference(path: Path) -> ReferenceRun:
-    """A reference that runs an fp32 ONNX graph on the CPU runtime."""
-    from esr_deploy.backends.onnxruntime import cpu_session
-
-    session = cpu_session(path)
-
-    def run(x: torch.Tensor) -> np.ndarray:
-        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
-
-    return run
-
-
-def recipe_from_manifest(manifest: dict[str, Any]) -> Recipe:
-    r = manifest["recipe"]
-    return parse_recipe(
-        {k: r[k] for k in ("name", "arch", "arch_args", "scale", "data_range", "color_order")}
-    )
-
-
-def validate_bundle(
-    bundle_path: Path,
-    val_dirs: Sequence[Path],
-    checkpoint: Path | None,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Re-run parity and task quality of a bundle here; returns a report dict with failures."""
-    progress = progress or NullProgress()
-    bundle = load_bundle(bundle_path)
-    manifest = dict(bundle.manifest)
-    target, backend = require_available(manifest["target"])
-    backend.check_engine(manifest)
-    recipe = recipe_from_manifest(manifest)
-    reference, reference_kind = _reference_from_manifest(manifest, bundle.path, checkpoint)
-    session = backend.load(bundle.engine_path, manifest["engine"]["settings"])
-    sets = load_sets(val_dirs, recipe.scale)
-    tolerance = recipe_tolerance(manifest, target.precision)
-    parity_reference = None
-    if manifest.get("pruning", {}).get("mode") == "lossy":
-        # the engine is meant to differ from the unpruned model: parity against the pruned
-        # fp32 ONNX it was built from; the PSNR drop is reported, not gated (as in compile)
-        parity_reference = _onnx_reference(bundle.path / manifest["reference_onnx"])
-        reference_kind += "; parity against the pruned fp32 ONNX in the bundle"
-    results = [
-        evaluate_set(s, reference, session.run, recipe, tolerance, progress, parity_reference)
-        for s in sets
-    ]
-    return {
-        "name": manifest["name"],
-        "target": manifest["target"],
-        "reference": reference_kind,
-        "validation": {r.name: r.to_dict() for r in results},
-        "failures": [f for r in results for f in r.failures()],
-    }
-
-
-def recipe_tolerance(manifest: dict[str, Any], precision: str) -> Tolerances:
-    """The tolerance the bundle was validated with (recorded per set), else the default."""
-    for v in manifest.get("validation", {}).values():
-        req = v.get("required")
-        if req:
-            return Tolerances(**req)
-    return DEFAULT_TOLERANCES[precision]

@@ -103,11 +103,24 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _single_frame(im: Image.Image, path: Path) -> None:
+    """Refuse a multi-frame file (animated GIF/WebP/PNG, multi-page TIFF) rather than
+    silently reading its first frame."""
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames > 1:
+        raise DataError(
+            f"cannot read image {path} — it holds {frames} frames (an animation or a "
+            "multi-page file), and esr-deploy reads single images — extract the frames as "
+            "separate images first (e.g. ffmpeg -i in.gif frame%04d.png)"
+        )
+
+
 def _decode(path: Path, convert: Callable[[Image.Image, Path], T], upright: bool) -> T:
     """Open, decode and ``convert`` an image; every failure becomes a :class:`DataError`
     naming the file and what is there. ``upright``: apply the EXIF orientation first."""
     try:
         with Image.open(path) as opened:
+            _single_frame(opened, path)
             opened.load()
             im = (ImageOps.exif_transpose(opened) or opened) if upright else opened
             return convert(im, path)
@@ -208,11 +221,13 @@ def read_source_image(path: str | Path) -> SourceImage:
     - 16-bit greyscale PNGs keep their 16 bits (``uint16``); 16-bit *colour* PNGs are
       refused, because Pillow decodes them to 8 bits and the result would silently lose
       precision;
-    - EXIF orientation is applied (camera JPEGs are written upright).
+    - EXIF orientation is applied (camera JPEGs are written upright);
+    - multi-frame files (animated GIF/WebP/PNG, multi-page TIFF) are refused rather than
+      silently reduced to their first frame.
 
     Raises:
-        DataError: missing, unreadable, floating-point or 16-bit colour images, naming the
-            file and what was found.
+        DataError: missing, unreadable, floating-point, 16-bit colour or multi-frame images,
+            naming the file and what was found.
     """
     p = Path(path)
     depth = _png_bit_depth(p)

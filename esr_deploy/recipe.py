@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import sys
+import sysconfig
 import tomllib
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,6 +125,8 @@ class Recipe:
                 f"rejected the arguments {json.dumps(dict(self.arch_args))}: {exc} — fix "
                 "arch_args in the recipe (or --arch-args) to match the class's signature."
             ) from exc
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            raise user_code_error(exc, f"Building {self.arch}(**{dict(self.arch_args)})") from exc
         if not isinstance(model, nn.Module):
             raise RecipeError(
                 f"{self.arch} is not a torch.nn.Module (got {type(model).__name__}) — "
@@ -143,6 +147,23 @@ class Recipe:
         }
 
 
+def user_code_error(exc: BaseException, what: str) -> RecipeError:
+    """A clear error for an exception raised inside the user's architecture code: its
+    message and the file/line where it was raised in the user's code (the deepest frame
+    outside Python's and esr-deploy's own files; else the deepest frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    library = (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+               str(Path(__file__).parent))  # fmt: skip
+    user = [f for f in frames if not f.filename.startswith("<") and
+            not f.filename.startswith(library)]  # fmt: skip
+    where = (user or list(frames))[-1:]
+    at = f" at {where[0].filename}:{where[0].lineno}" if where else ""
+    return RecipeError(
+        f"{what} failed{at}: {type(exc).__name__}: {exc} — the error is in the architecture's "
+        "code; fix it there (or check --arch / the recipe's arch and arch_args)."
+    )
+
+
 def import_arch(spec: str) -> type:
     """Import ``package.module:Class``, from the current directory and PYTHONPATH too."""
     module_name, sep, attr = spec.partition(":")
@@ -157,11 +178,13 @@ def import_arch(spec: str) -> type:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         raise RecipeError(
             f"Could not import module '{module_name}' for architecture '{spec}': {exc} — "
             "run from the folder that contains it or add that folder to PYTHONPATH."
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - importing user code runs it; it may raise anything
+        raise user_code_error(exc, f"Importing module '{module_name}'") from exc
     finally:
         if added:
             sys.path.remove(cwd)

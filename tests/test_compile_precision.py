@@ -23,7 +23,6 @@ import pytest
 from onnx import numpy_helper
 from test_cli import OUT, assert_refused, esr_deploy, one_error
 
-from esr_deploy.bundle import load_bundle
 from esr_deploy.compiler import (
     PRECISION_ONNX,
     CompileOptions,
@@ -40,6 +39,7 @@ from esr_deploy.precision.base import fp16_range
 from esr_deploy.precision.calibration import calibration_set, collect_stats
 from esr_deploy.precision.fp16 import FP16_MAX, convert_fp16
 from esr_deploy.precision.int8 import name_nodes
+from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import availability, get_target
 from esr_deploy.validate.parity import model_input
 
@@ -287,6 +287,6 @@ def test_auto_keeps_the_fastest_target_that_passes_and_says_why(tmp_path: Path) 
         assert lat["median"] == pytest.approx(by_target[target]["median_ms"], abs=1e-3)
         assert 0 < lat["p10"] <= lat["median"] <= lat["p90"] and lat["runs"] == 7
     assert result.manifest["latency_ms"]["1x3x64x64"]["median"] > 0
-    bundle = load_bundle(result.bundle)  # checksums of the republished bundle hold
+    bundle = open_bundle(result.bundle)  # checksums of the republished bundle hold
     assert bundle.manifest["auto"] == auto
     assert not list(tmp_path.glob("esr-deploy-auto-*"))

@@ -88,6 +88,6 @@ class Backend(ABC):
         """Refuse a bundle's engine that this machine cannot run (raises ``BundleError`` with
         what was expected and what was found). Default: same backend version, and a CPU with
         the ISA flags the engine was optimised for."""
-        from esr_deploy.bundle import check_device
+        from esr_deploy.runtime.bundle_reader import check_device
 
         check_device(manifest, self.version(), self.device())

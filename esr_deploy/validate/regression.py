@@ -74,8 +74,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from esr_deploy.bundle import MANIFEST, Bundle, load_bundle
+from esr_deploy.bundle import MANIFEST
 from esr_deploy.errors import EXIT_VALIDATION_FAILED, BundleError, EsrDeployError
+from esr_deploy.runtime.bundle_reader import Bundle, open_bundle
 from esr_deploy.validate.latency import LatencyStats, interleaved_times
 from esr_deploy.validate.latency import summarise as summarise_latency
 
@@ -289,6 +290,8 @@ class BenchOptions:
     seed: int = DEFAULT_SEED
     #: Precede each timed call by an untimed call of the same engine (module docstring).
     rewarm: bool = True
+    #: the candidate's pinned digest (``--expect-digest``); None: not pinned
+    expect_digest: str | None = None
 
     def check(self) -> None:
         """Raises :class:`EsrDeployError` (exit 2) on settings that cannot give an answer."""
@@ -486,7 +489,7 @@ class LoadedEngine:
         return f"{self.manifest.get('name', '?')} ({self.manifest.get('target', '?')})"
 
 
-def open_engine(path: str | Path) -> LoadedEngine:
+def open_engine(path: str | Path, digest: str | None = None) -> LoadedEngine:
     """Load a bundle the way a serving runtime does: checksums, target available here, engine
     built for this backend version and CPU, session loaded.
 
@@ -495,13 +498,8 @@ def open_engine(path: str | Path) -> LoadedEngine:
     """
     from esr_deploy.targets import require_available
 
-    bundle = load_bundle(path)
+    bundle = open_bundle(path, digest=digest)  # refuses a manifest without target/engine
     manifest = bundle.manifest
-    if "target" not in manifest or "engine" not in manifest:
-        raise BundleError(
-            f"{bundle.path / MANIFEST} has no 'target' or 'engine' — it is not the manifest of "
-            "an engine bundle; recompile the bundle."
-        )
     _, backend = require_available(str(manifest["target"]))
     if not backend.measures_latency:
         raise EsrDeployError(
@@ -644,7 +642,7 @@ def bench_bundle(candidate: str | Path, options: BenchOptions | None = None) -> 
     """Time one bundle at one shape; no reference, no verdict."""
     options = options or BenchOptions()
     options.check()
-    engine = open_engine(candidate)
+    engine = open_engine(candidate, options.expect_digest)
     shape = _resolve_shape(options, [engine])
     (x,) = _inputs([engine], shape, options.seed)
     _check_run(engine, x)
@@ -663,7 +661,7 @@ def compare_bundles(
     regression: call :meth:`BenchReport.raise_for_regression`."""
     options = options or BenchOptions()
     options.check()
-    cand = open_engine(candidate)
+    cand = open_engine(candidate, options.expect_digest)
     ref = open_engine(reference)
     shape = _resolve_shape(options, [cand, ref])
     x_cand, x_ref = _inputs([cand, ref], shape, options.seed)
@@ -770,7 +768,7 @@ def compare_to_baseline(
     options = options or BenchOptions()
     options.check()
     baseline_file, base = read_baseline(baseline)
-    engine = open_engine(candidate)
+    engine = open_engine(candidate, options.expect_digest)
     shape = _resolve_shape(options, [engine])
     key = input_key(engine.manifest, shape)
     recorded_all: dict[str, Any] = base["latency_ms"]

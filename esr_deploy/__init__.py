@@ -1,6 +1,7 @@
 """esr-deploy: a deployment compiler for efficient single-image super-resolution networks.
 
-The serving API: ``esr_deploy.load(bundle).upscale(image)`` (see :mod:`esr_deploy.serving`).
+The serving API: ``esr_deploy.load(bundle).upscale(image)``
+(see :mod:`esr_deploy.runtime.upscaler`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from esr_deploy.serving import Upscaler
+    from esr_deploy.runtime.upscaler import Upscaler
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
@@ -22,6 +23,6 @@ def load(bundle: str | Path, max_memory: int | None = None, digest: str | None =
     other bundle is refused (pin bundles by digest, as container images are pinned).
     Imported lazily, so that ``import esr_deploy`` (and ``esr-deploy --help``) stays light.
     """
-    from esr_deploy.serving import load as load_bundle_for_serving
+    from esr_deploy.runtime.upscaler import load as load_bundle_for_serving
 
     return load_bundle_for_serving(bundle, max_memory=max_memory, digest=digest)

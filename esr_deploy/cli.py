@@ -644,7 +644,7 @@ def upscale(
     def body() -> None:
         from esr_deploy.errors import DataError
         from esr_deploy.progress import RichProgress
-        from esr_deploy.serving import load, upscale_jobs
+        from esr_deploy.runtime.upscaler import load, upscale_jobs
 
         if tile is not None and tile < 1:
             raise EsrDeployError(f"--tile {tile} is not a positive number of LR pixels.")

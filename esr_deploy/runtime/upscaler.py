@@ -2,8 +2,8 @@
 
 ``esr_deploy.load(bundle).upscale(image)`` and ``esr-deploy upscale`` both go through
 :class:`Upscaler`. An image is run **untiled** when it fits the engine's shape profile and the
-memory budget; otherwise it is cut into tiles (:mod:`esr_deploy.tiling`) whose overlap is the
-network's receptive field, computed from the bundle's fp32 ONNX graph, so that the stitched
+memory budget; otherwise it is cut into tiles (:mod:`esr_deploy.runtime.tiling`) whose
+overlap is the network's receptive field, computed from the bundle's fp32 ONNX graph, so that the stitched
 result equals the untiled one to float rounding:
 
 - convolutional networks: exactly so, with windows aligned to the strided ops' grid;
@@ -11,7 +11,7 @@ result equals the untiled one to float rounding:
   nodes sample at positions that depend on the image size, so a tile of another size would
   sample elsewhere whatever the overlap (48–51 dB on Set14's baboon). For engines that ONNX
   Runtime runs from an ONNX graph (``ort-*``), tiles run that graph with those Resize nodes
-  given the whole image's sampling positions (:mod:`esr_deploy.resize_geometry`), which is
+  given the whole image's sampling positions (:mod:`esr_deploy.runtime.resize_geometry`), which is
   exact; for other engines tiling is approximate and says so;
 - networks that average over the whole image (IMDN's contrast attention): no tile can
   reproduce them; refused unless the caller asks for tiles explicitly.
@@ -53,10 +53,10 @@ from esr_deploy.data import (
 )
 from esr_deploy.errors import DataError, EsrDeployError, OutputError, TilingError
 from esr_deploy.progress import NullProgress, Progress
-from esr_deploy.resize_geometry import ResizeGeometry, explicit_resize, rewritable
 from esr_deploy.runtime.bundle_reader import Bundle, open_bundle
+from esr_deploy.runtime.resize_geometry import ResizeGeometry, explicit_resize, rewritable
+from esr_deploy.runtime.tiling import ReceptiveField, Tile, plan_tiles, receptive_field, run_tiled
 from esr_deploy.targets import require_available
-from esr_deploy.tiling import ReceptiveField, Tile, plan_tiles, receptive_field, run_tiled
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ The parts, each a module with its math in its docstring:
 - :mod:`.plan`: tile planning and the tiled runner.
 """
 
-from esr_deploy.tiling.analysis import receptive_field
-from esr_deploy.tiling.field import ReceptiveField
-from esr_deploy.tiling.plan import Tile, plan_tiles, run_tiled
+from esr_deploy.runtime.tiling.analysis import receptive_field
+from esr_deploy.runtime.tiling.field import ReceptiveField
+from esr_deploy.runtime.tiling.plan import Tile, plan_tiles, run_tiled
 
 __all__ = ["ReceptiveField", "Tile", "plan_tiles", "receptive_field", "run_tiled"]

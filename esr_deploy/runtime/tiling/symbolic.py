@@ -17,7 +17,7 @@ from fractions import Fraction
 
 import onnx
 
-from esr_deploy.tiling.ops import attr, int_attr, ints
+from esr_deploy.runtime.tiling.ops import attr, int_attr, ints
 
 F0 = Fraction(0)
 F1 = Fraction(1)

@@ -1,11 +1,11 @@
 """The receptive-field analysis: one walk over the graph from the LR input to the HR output.
 
-Every node with a spatial input is handed to its op's rule (:data:`esr_deploy.tiling.rules.RULES`,
-keyed by op type); a node whose op has no rule, or whose rule cannot interpret its attributes or
+Every node with a spatial input is handed to its op's rule (:data:`.rules.RULES`, keyed by op
+type); a node whose op has no rule, or whose rule cannot interpret its attributes or
 parameters, goes to ``unknown_nodes`` and its outputs take the union of its inputs' reaches.
 Nodes without spatial inputs are evaluated symbolically (:mod:`.symbolic`) so that shapes read
 from the image can be followed. The result is the HR output's radius per axis
-(:func:`esr_deploy.tiling.lattice.radius`) and the alignment: a window starting at LR pixel
+(:func:`esr_deploy.runtime.tiling.lattice.radius`) and the alignment: a window starting at LR pixel
 ``w`` starts at element ``w/a`` of a tensor of stride ``a = n/d`` (lowest terms); it samples
 the same grid as the whole image only if that is an integer for every tensor, i.e. ``w`` is a
 multiple of the least common multiple of the numerators ``n`` (RLFN: stride 2 then 3 in its
@@ -31,9 +31,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from esr_deploy.errors import TilingError
-from esr_deploy.tiling.field import ReceptiveField
-from esr_deploy.tiling.lattice import Reach, Spatial, radius
-from esr_deploy.tiling.ops import (
+from esr_deploy.runtime.tiling.field import ReceptiveField
+from esr_deploy.runtime.tiling.lattice import Reach, Spatial, radius
+from esr_deploy.runtime.tiling.ops import (
     INT_TYPES,
     MAX_CONST_VALUES,
     PARAM_INPUTS,
@@ -44,8 +44,17 @@ from esr_deploy.tiling.ops import (
     node_name,
     subgraph_inputs,
 )
-from esr_deploy.tiling.rules import ANY_DOMAIN, KNOWN_DOMAINS, RULES
-from esr_deploy.tiling.symbolic import F0, F1, Val, Vals, binary, index, shape_range, slice_values
+from esr_deploy.runtime.tiling.rules import ANY_DOMAIN, KNOWN_DOMAINS, RULES
+from esr_deploy.runtime.tiling.symbolic import (
+    F0,
+    F1,
+    Val,
+    Vals,
+    binary,
+    index,
+    shape_range,
+    slice_values,
+)
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from esr_deploy.tiling.ops import MAX_PHASES, Unsupported
-from esr_deploy.tiling.symbolic import F0, ONE, Val, Vals
+from esr_deploy.runtime.tiling.ops import MAX_PHASES, Unsupported
+from esr_deploy.runtime.tiling.symbolic import F0, ONE, Val, Vals
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def run_tiled(
 
     ``run(window, tile)`` must return N×C'×(h·scale)×(w·scale) for the h×w window of
     ``tile`` (the tile tells a runner where the window lies, for networks that need the
-    whole image's geometry: :mod:`esr_deploy.resize_geometry`). The output is
+    whole image's geometry: :mod:`esr_deploy.runtime.resize_geometry`). The output is
     allocated once and each window's output is dropped after its core is copied;
     ``on_tile()`` is called after every tile (progress bars).
     """

@@ -7,7 +7,7 @@ scale is read from another tensor's shape, so that its sampling positions depend
 size (RLFN's ESA: ``size_dependent_nodes``; the field computed for them is still used, but a
 tile samples them elsewhere than the whole image does, 48–51 dB from the untiled output on
 Set14's baboon, unless the runner gives them the whole image's positions, as
-:mod:`esr_deploy.resize_geometry` does; element-wise ops on values computed from the image
+:mod:`esr_deploy.runtime.resize_geometry` does; element-wise ops on values computed from the image
 size are listed there too); ops on spatial tensors the analysis does not know, including
 coordinate grids built with Range from the image size (``unknown_nodes``).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from esr_deploy.tiling.ops import SAMPLING_OPS
+from esr_deploy.runtime.tiling.ops import SAMPLING_OPS
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from esr_deploy.tiling.lattice import Reach, Spatial, resample, reshape_spatial, set_dim
-from esr_deploy.tiling.ops import (
+from esr_deploy.runtime.tiling.lattice import Reach, Spatial, resample, reshape_spatial, set_dim
+from esr_deploy.runtime.tiling.ops import (
     AXES_INPUT_FROM,
     CONVS,
     ELEMENTWISE,
@@ -45,10 +45,10 @@ from esr_deploy.tiling.ops import (
     int_attr,
     ints,
 )
-from esr_deploy.tiling.symbolic import ONE, Val, Vals, shape_range
+from esr_deploy.runtime.tiling.symbolic import ONE, Val, Vals, shape_range
 
 if TYPE_CHECKING:
-    from esr_deploy.tiling.analysis import Analysis
+    from esr_deploy.runtime.tiling.analysis import Analysis
 
 Rule = Callable[["Analysis", onnx.NodeProto], None]
 

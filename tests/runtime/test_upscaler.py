@@ -29,7 +29,7 @@ from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.data import imresize, read_image, read_source_image, write_image
 from esr_deploy.errors import DataError, TilingError
 from esr_deploy.paths import example_checkpoint
-from esr_deploy.serving import Upscaler, bytes_per_lr_pixel, load
+from esr_deploy.runtime.upscaler import Upscaler, bytes_per_lr_pixel, load
 from esr_deploy.validate.quality import psnr
 
 SCALE = 2

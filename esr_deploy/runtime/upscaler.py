@@ -3,8 +3,8 @@
 ``esr_deploy.load(bundle).upscale(image)`` and ``esr-deploy upscale`` both go through
 :class:`Upscaler`. An image is run **untiled** when it fits the engine's shape profile and the
 memory budget; otherwise it is cut into tiles (:mod:`esr_deploy.runtime.tiling`) whose
-overlap is the network's receptive field, computed from the bundle's fp32 ONNX graph, so that the stitched
-result equals the untiled one to float rounding:
+overlap is the network's receptive field, computed from the bundle's fp32 ONNX graph, so that
+the stitched result equals the untiled one to float rounding:
 
 - convolutional networks: exactly so, with windows aligned to the strided ops' grid;
 - networks that resize to a size read from the image (RLFN's and RFDN's ESA): their Resize

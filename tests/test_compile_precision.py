@@ -77,6 +77,7 @@ def rlfn_int8(
     )
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_rlfn_int8_meets_the_budget_on_set5(rlfn_int8: CompileResult) -> None:
     m = rlfn_int8.manifest
     assert (m["target"], m["precision"], m["backend"]) == ("ort-int8", "int8", "onnxruntime")
@@ -92,6 +93,7 @@ def test_rlfn_int8_meets_the_budget_on_set5(rlfn_int8: CompileResult) -> None:
     assert cal["images"] == 5 and cal["from_cache"] is False and cal["method"] == "mse"
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_rlfn_int8_bundle_holds_explicit_qdq_and_runs_int8_kernels(
     rlfn_int8: CompileResult,
 ) -> None:
@@ -132,6 +134,7 @@ def test_rlfn_int8_bundle_holds_explicit_qdq_and_runs_int8_kernels(
     assert fused == len(sandwiched)
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_second_compile_reads_the_calibration_cache(
     rlfn_int8: CompileResult, weights_dir: Path, sr_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -236,6 +239,7 @@ def _example() -> Path:
     return Path(__file__).resolve().parent.parent / "esr_deploy" / "assets" / "rlfn_x4.pth"
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_missed_int8_budget_exits_3_with_per_image_numbers(tmp_path: Path) -> None:
     recipe = tmp_path / "strict.toml"
     recipe.write_text(
@@ -257,6 +261,7 @@ def test_missed_int8_budget_exits_3_with_per_image_numbers(tmp_path: Path) -> No
 # -- --target auto ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_auto_keeps_the_fastest_target_that_passes_and_says_why(tmp_path: Path) -> None:
     """ort-int8 without the search misses the int8 budget on RLFN: it is reported and left
     out; the two fp32 engines pass and the faster one (timed side by side) is published."""

@@ -127,6 +127,7 @@ print(json.dumps([b.int8_kernels().to_dict() for b in (OnnxRuntimeCPU(), OpenVin
 """
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_on_an_emulated_avx2_cpu_full_range_saturates_and_7_bit_weights_are_exact() -> None:
     """AMD EPYC-Milan (Zen 3: AVX2/FMA, no AVX-512, no VNNI) emulated by qemu-user: the real
     ONNX Runtime and OpenVINO kernels for that CPU, measured by the same probe."""

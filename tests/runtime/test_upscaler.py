@@ -393,6 +393,7 @@ def rlfn(tmp_path_factory: pytest.TempPathFactory) -> Upscaler:
     return load(result.bundle)
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_rlfn_tiled_matches_untiled_on_a_real_image(
     rlfn: Upscaler, sr_data_dir: Path, record_property: Any
 ) -> None:

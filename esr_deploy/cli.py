@@ -692,6 +692,21 @@ def main() -> None:
     except SystemExit as exc:  # keep typer's own exit codes (usage errors are 2)
         code = exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
         raise SystemExit(code) from None
+    except ModuleNotFoundError as exc:
+        from esr_deploy.targets import COMPILE_SIDE
+
+        missing = (exc.name or "").split(".")[0]
+        if missing not in COMPILE_SIDE:
+            raise
+        err.print(
+            f"[bold red]error:[/] this command needs the compile side of esr-deploy, and "
+            f"{missing} is not installed (a runtime-only install runs bundles: upscale, "
+            "inspect BUNDLE, bench, targets) — pip install 'esr-deploy\\[compile]' (install "
+            "torch==2.13.0 first for the CPU build; see the README).",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

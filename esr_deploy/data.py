@@ -3,7 +3,8 @@
 Everything here works on ``uint8`` H×W×3 RGB arrays, the form in which SR benchmarks are
 stored and evaluated. The conversion to and from network tensors is explicit
 (:func:`to_tensor`, :func:`to_uint8`) so that the rounding used by the evaluation protocol
-(``/work/shared/weights/README.md``) lives in one place.
+(``/work/shared/weights/README.md``) lives in one place. torch is imported only by those two
+functions, so the runtime (which reads and writes images) does not load it.
 
 Validation set layout (what :func:`load_validation_set` reads)::
 
@@ -23,13 +24,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from esr_deploy.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -438,6 +441,8 @@ def to_tensor(img: np.ndarray, data_range: float) -> torch.Tensor:
             f"to_tensor expects a uint8 H×W×3 image — got dtype {img.dtype}, shape "
             f"{img.shape} — read images with esr_deploy.data.read_image"
         )
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(torch.float32)
     if data_range != 255.0:
         t = t * (float(data_range) / 255.0)
@@ -460,7 +465,9 @@ def to_uint8(out: torch.Tensor | np.ndarray, data_range: float) -> np.ndarray:
             "pass the model output for one RGB image"
         )
     factor = 255.0 / float(data_range)
-    if isinstance(out, torch.Tensor):
+    if not isinstance(out, np.ndarray):  # a torch tensor
+        import torch
+
         t = out.detach().to("cpu")
         if not t.is_floating_point():
             t = t.to(torch.float32)

@@ -1,17 +1,24 @@
-"""``esr-deploy inspect``: what a checkpoint or a bundle holds, without compiling anything."""
+"""``esr-deploy inspect``: what a checkpoint or a bundle holds, without compiling anything.
+
+Inspecting a bundle needs only the runtime (no torch); a checkpoint, the compile side."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from esr_deploy.compiler import ModelSource, load_model, load_sets, metrics_256, run_passes
-from esr_deploy.export import derive_input_range
 from esr_deploy.runtime.bundle_reader import open_bundle
+
+if TYPE_CHECKING:
+    from esr_deploy.compiler import ModelSource
 
 
 def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
     """What the checkpoint holds and what each default pass would do (on a copy)."""
+    # the compile side (torch), imported only here: inspecting a bundle runs without it
+    from esr_deploy.compiler import load_model, load_sets, metrics_256, run_passes
+    from esr_deploy.export import derive_input_range
+
     loaded = load_model(source)
     rng = derive_input_range(loaded.model, loaded.recipe.scale)
     _, plan = run_passes(

@@ -34,11 +34,9 @@ from torch import nn
 from esr_deploy.checkpoint import align_keys, expected_shapes, key_overlap
 from esr_deploy.errors import KeyMismatchError, RecipeError
 from esr_deploy.paths import recipes_dir
+from esr_deploy.shapes import DEFAULT_MAX_HW, DEFAULT_OPT_HW, HW, ShapeProfile
 
 log = logging.getLogger(__name__)
-
-HW = tuple[int, int]
-
 
 @dataclass(frozen=True)
 class Tolerances:
@@ -65,32 +63,6 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerances] = MappingProxyType(
 
 #: Parity PSNR reported for identical outputs (validate/parity.py uses the same value).
 PARITY_PSNR_CAP = 200.0
-
-#: Largest LR frame the default profile admits (a 1080p LR frame, either orientation fits
-#: a dynamic-shape engine; TensorRT profiles are derived from it by that backend).
-DEFAULT_OPT_HW: HW = (256, 256)
-DEFAULT_MAX_HW: HW = (1080, 1920)
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """LR input sizes (H, W) an engine is built and validated for.
-
-    ``min`` is ``None`` until the exporter has derived the smallest input the graph accepts
-    (networks with a strided conv followed by a large pooling window fail below it).
-    """
-
-    opt: HW = DEFAULT_OPT_HW
-    max: HW = DEFAULT_MAX_HW
-    min: HW | None = None
-
-    def to_dict(self) -> dict[str, list[int] | None]:
-        return {
-            "min": list(self.min) if self.min else None,
-            "opt": list(self.opt),
-            "max": list(self.max),
-        }
-
 
 @dataclass(frozen=True)
 class Recipe:

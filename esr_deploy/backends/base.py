@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.shapes import ShapeProfile
 
 if TYPE_CHECKING:
     from esr_deploy.precision.int8_kernels import Int8Kernels

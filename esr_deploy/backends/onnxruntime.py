@@ -43,7 +43,7 @@ from esr_deploy.precision.int8_kernels import (
     measure,
     weights_problem,
 )
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 

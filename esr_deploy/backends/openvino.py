@@ -37,7 +37,7 @@ from esr_deploy.backends.onnxruntime import check_int8_settings, int8_settings
 from esr_deploy.cpu import bf16_unavailable_reason, cpu_info, default_threads
 from esr_deploy.errors import BundleError, ExportError
 from esr_deploy.precision.int8_kernels import Int8Kernels, measure
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,11 @@ from rich.table import Table
 
 from esr_deploy import __version__
 from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
+from esr_deploy.gate.options import DEFAULT_MAX_REGRESSION
+from esr_deploy.gate.options import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
+from esr_deploy.gate.options import DEFAULT_WARMUP as DEFAULT_BENCH_WARMUP
 from esr_deploy.precision import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
-from esr_deploy.validate.regression import DEFAULT_MAX_REGRESSION, parse_shape
-from esr_deploy.validate.regression import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
-from esr_deploy.validate.regression import DEFAULT_WARMUP as DEFAULT_BENCH_WARMUP
+from esr_deploy.shapes import parse_shape
 
 app = typer.Typer(
     name="esr-deploy",
@@ -542,13 +543,8 @@ def bench(
     _setup_logging(False)
 
     def body() -> None:
-        from esr_deploy.validate.regression import (
-            BenchOptions,
-            bench_bundle,
-            compare_bundles,
-            compare_to_baseline,
-            parse_max_regression,
-        )
+        from esr_deploy.gate.bench import bench_bundle, compare_bundles, compare_to_baseline
+        from esr_deploy.gate.options import BenchOptions, parse_max_regression
 
         if against is not None and baseline is not None:
             raise EsrDeployError(

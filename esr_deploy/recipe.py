@@ -38,6 +38,7 @@ from esr_deploy.shapes import DEFAULT_MAX_HW, DEFAULT_OPT_HW, HW, ShapeProfile
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Tolerances:
     """Validation limits for one precision.
@@ -63,6 +64,7 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerances] = MappingProxyType(
 
 #: Parity PSNR reported for identical outputs (validate/parity.py uses the same value).
 PARITY_PSNR_CAP = 200.0
+
 
 @dataclass(frozen=True)
 class Recipe:

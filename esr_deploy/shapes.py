@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from esr_deploy.errors import EsrDeployError
+
 HW = tuple[int, int]
 
 #: Largest LR frame the default profile admits (a 1080p LR frame, either orientation fits
@@ -34,3 +36,22 @@ class ShapeProfile:
             "opt": list(self.opt),
             "max": list(self.max),
         }
+
+
+def parse_shape(text: str, option: str = "--shape") -> HW:
+    """``"64x64"`` → (64, 64), an LR input H×W.
+
+    Raises:
+        EsrDeployError: not ``HxW`` with positive integer sides.
+    """
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise EsrDeployError(
+            f"{option} '{text}' is not a shape — write it as HxW (LR height x width), e.g. 256x256."
+        ) from None
+    if h < 1 or w < 1:
+        raise EsrDeployError(
+            f"{option} '{text}' has a side below 1 — give positive sides, e.g. 256x256."
+        )
+    return h, w

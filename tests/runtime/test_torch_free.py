@@ -35,8 +35,8 @@ finally:
 
 
 def test_the_serving_path_runs_without_importing_torch(
-    compiled: CompileResult,
-    tmp_path: Path,  # noqa: F811
+    compiled: CompileResult,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """esr_deploy.load(...).upscale and `esr-deploy upscale` on a real bundle: torch (and the
     compile side) is never imported by the runtime."""

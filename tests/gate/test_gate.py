@@ -1,4 +1,4 @@
-"""The latency regression gate (``esr_deploy.validate.regression`` and ``esr-deploy bench``).
+"""The latency regression gate (``esr_deploy.gate`` and ``esr-deploy bench``).
 
 - Statistics: :func:`ratio_interval` / :func:`baseline_interval` on synthetic timings whose
   true ratio is known: no false alarm on equal or noisy timings, a clear slowdown found, seeded.
@@ -29,18 +29,13 @@ from test_cli import Run, assert_refused, esr_deploy, one_error
 from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, StagedBundle
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.errors import EXIT_BAD_INPUT, EXIT_VALIDATION_FAILED, EsrDeployError
+from esr_deploy.gate.options import parse_max_regression
+from esr_deploy.gate.report import BenchReport, EngineTiming, LatencyRegression
+from esr_deploy.gate.statistics import baseline_interval, ratio_interval
 from esr_deploy.paths import example_checkpoint
 from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import require_available
 from esr_deploy.validate.latency import LatencyStats
-from esr_deploy.validate.regression import (
-    BenchReport,
-    EngineTiming,
-    LatencyRegression,
-    baseline_interval,
-    parse_max_regression,
-    ratio_interval,
-)
 
 SHAPE = "64x64"
 KEY = "1x3x64x64"

@@ -8,7 +8,6 @@ into place only after every validation check passed (:mod:`esr_deploy.bundle`).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import platform
@@ -36,10 +35,17 @@ from esr_deploy.bundle import (
     check_writable,
     load_bundle,
 )
-from esr_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_weights
+from esr_deploy.checkpoint import LoadedCheckpoint, check_finite, load_checkpoint, load_weights
 from esr_deploy.data import ValidationSet, load_validation_set
-from esr_deploy.errors import BundleError, EsrDeployError, KeyMismatchError, ValidationError
+from esr_deploy.errors import (
+    BundleError,
+    EsrDeployError,
+    KeyMismatchError,
+    NoRecipeMatch,
+    ValidationError,
+)
 from esr_deploy.export import (
+    EXPORTERS,
     INPUT_NAME,
     OUTPUT_NAME,
     ExportResult,
@@ -47,8 +53,10 @@ from esr_deploy.export import (
     derive_input_range,
     export_onnx,
 )
+from esr_deploy.export_check import export_check_inputs
 from esr_deploy.passes import DEFAULT_PASSES, build_passes
-from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult
+from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult, copy_model
+from esr_deploy.passes.weight_norm import fold_weight_normalisation
 from esr_deploy.paths import default_val_dir
 from esr_deploy.precision.apply import (
     PrecisionOnnx,
@@ -116,6 +124,7 @@ class ModelSource:
 class CompileOptions:
     source: ModelSource
     target: str = "ort-fp32"
+    exporter: str = "auto"  # esr_deploy.export.EXPORTERS
     val_dirs: tuple[Path, ...] = ()
     out: Path | None = None
     engines_dir: Path = Path("engines")
@@ -144,6 +153,8 @@ class LoadedModel:
     model: nn.Module
     checkpoint: LoadedCheckpoint
     notes: tuple[str, ...] = ()
+    #: how an architecture found from the state dict alone was recognised (spandrel)
+    detection: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,11 @@ def check_options(options: CompileOptions) -> None:
     if options.prune_to is not None and options.prune_to < 1:
         raise EsrDeployError(f"--prune-to must be at least 1 channel, got {options.prune_to}.")
     check_precision_options(options.precision)
+    if options.exporter not in EXPORTERS:
+        raise EsrDeployError(
+            f"--exporter {options.exporter!r} is not an exporter — choose one of "
+            f"{', '.join(EXPORTERS)}."
+        )
 
 
 def resolve_recipe(source: ModelSource, ckpt: LoadedCheckpoint) -> tuple[Recipe, str]:
@@ -190,9 +206,38 @@ def resolve_recipe(source: ModelSource, ckpt: LoadedCheckpoint) -> tuple[Recipe,
 
 
 def load_model(source: ModelSource) -> LoadedModel:
-    """Load the checkpoint safely, choose the recipe, build the model and load its weights."""
+    """Load the checkpoint safely, choose the recipe (zoo, then spandrel's detection), build
+    the model and load its weights; weight normalisation is folded into plain weights."""
     ckpt = load_checkpoint(source.checkpoint)
-    recipe, how = resolve_recipe(source, ckpt)
+    detection: dict[str, Any] | None = None
+    try:
+        recipe, how = resolve_recipe(source, ckpt)
+    except NoRecipeMatch as no_zoo:
+        from esr_deploy.spandrel_arch import recipe_from_spandrel
+
+        check_finite(ckpt.state_dict)
+        recipe, model, detection = recipe_from_spandrel(ckpt.state_dict, no_zoo)
+        how = (
+            f"{detection['name']} detected by {detection['by']} (no zoo recipe matches): "
+            f"x{recipe.scale}, {recipe.color_order}, input 0..{recipe.data_range:g}"
+        )
+    else:
+        model = _model_with_weights(recipe, ckpt, how)
+    notes = [f"Using {how}."]
+    folded = fold_weight_normalisation(model)
+    if folded:
+        notes.append(f"Weight normalisation folded into plain weights: {', '.join(folded)}.")
+    if ckpt.placeholders:
+        notes.append(
+            "Non-tensor objects in the checkpoint were not imported or run: "
+            + ", ".join(ckpt.placeholders[:5])
+        )
+    return LoadedModel(
+        recipe=recipe, model=model.eval(), checkpoint=ckpt, notes=tuple(notes), detection=detection
+    )
+
+
+def _model_with_weights(recipe: Recipe, ckpt: LoadedCheckpoint, how: str) -> nn.Module:
     model = recipe.build_model()
     try:
         load_weights(model, ckpt)
@@ -209,13 +254,7 @@ def load_model(source: ModelSource) -> LoadedModel:
             f"{exc}\n  The checkpoint does not fit {recipe.arch} ({how}); zoo recipes closest "
             f"to it: {closest} — {todo}."
         ) from exc
-    notes = [f"Using {how}."]
-    if ckpt.placeholders:
-        notes.append(
-            "Non-tensor objects in the checkpoint were not imported or run: "
-            + ", ".join(ckpt.placeholders[:5])
-        )
-    return LoadedModel(recipe=recipe, model=model.eval(), checkpoint=ckpt, notes=tuple(notes))
+    return model
 
 
 def load_sets(val_dirs: Sequence[Path], scale: int) -> list[ValidationSet]:
@@ -299,7 +338,7 @@ def run_passes(
         context,
         verification_inputs(recipe, input_range, sets),
     )
-    return manager.run(copy.deepcopy(model))
+    return manager.run(copy_model(model))
 
 
 @dataclass(frozen=True)
@@ -505,6 +544,7 @@ def build_manifest(
             "placeholders": list(loaded.checkpoint.placeholders),
         },
         "recipe": recipe.to_dict(),
+        "detection": loaded.detection,
         "arch": recipe.arch,
         "arch_args": dict(recipe.arch_args),
         "engine": engine_info,
@@ -567,6 +607,13 @@ def compile_model(
             recipe.data_range,
             max_hw=recipe.profile.max,
             input_range=input_range,
+            check_inputs=export_check_inputs(
+                [(p.name, p.lr) for p in sets[0].pairs],
+                partial(model_input, recipe=recipe),
+                input_range.min_hw,
+                recipe.data_range,
+            ),
+            exporter=options.exporter,
         )
         reference = memoized(loaded.model)
 

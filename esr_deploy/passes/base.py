@@ -112,6 +112,18 @@ class Pass(ABC):
     def run(self, model: nn.Module, context: PassContext) -> PassOutcome: ...
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also copies tensor attributes which are not graph leaves
+    (a weight computed from parameters in ``__init__`` or by a forward pre-hook), as
+    detached clones: ``copy.deepcopy`` refuses those."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def _counts(model: nn.Module, fallback_hw: tuple[int, int]) -> ModelMetrics:
     """Counts at 256×256, or at ``fallback_hw`` for models that accept only other sizes."""
     try:
@@ -157,7 +169,7 @@ class PassManager:
         for p in self.passes:
             done = [r.name for r in results]
             before = ", ".join(done) or "none"
-            candidate = copy.deepcopy(model) if p.in_place else model
+            candidate = copy_model(model) if p.in_place else model
             try:
                 outcome = p.run(candidate, self.context)
             except EsrDeployError:
@@ -168,7 +180,9 @@ class PassManager:
                     f"{type(exc).__name__}: {exc} — skip it with --passes, and please report "
                     "the model."
                 ) from exc
-            new = outcome.model.eval()
+            # a pass that changed nothing hands back its input: the one it was given may carry
+            # side effects of tracing (a forward that assigns module attributes)
+            new = outcome.model.eval() if outcome.modified else model
             error = 0.0
             after = reference
             if outcome.modified:

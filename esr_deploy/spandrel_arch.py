@@ -1,0 +1,281 @@
+"""spandrel as a front end: architectures recognised from a state dict alone.
+
+`spandrel <https://github.com/chaiNNer-org/spandrel>`_ (the architecture library of chaiNNer and
+ComfyUI) inspects the keys and shapes of a state dict and infers the architecture and its
+hyperparameters (SPAN, Real-ESRGAN's SRVGG "Compact", OmniSR, SAFMN, PLKSR, DITN, ESRGAN
+and many more). esr-deploy offers it the tensors it already read with ``weights_only``
+loading (:mod:`esr_deploy.checkpoint`) when no zoo recipe matches: spandrel sees plain tensors
+and builds its own classes from them, so nothing from the file is executed.
+
+A match becomes a :class:`~esr_deploy.recipe.Recipe` whose architecture is
+:func:`build_spandrel` with the class's qualified name and the hyperparameters spandrel
+found, so the model can be rebuilt from the manifest like any ``--arch`` model. spandrel's
+models take RGB in 0..1 and return RGB in 0..1 (its documented convention).
+
+**torchvision.** spandrel declares torchvision as a dependency, but only two of its
+architectures use it (LaMa, inpainting; RestoreFormer, face restoration) and its package
+``__init__`` imports all of them. Where torchvision is absent (or fails to import, as a build
+for another torch does) spandrel is imported with an inert stand-in for the two torchvision
+functions those modules name at import time; the stand-in raises if called, and it is
+removed from ``sys.modules`` again right after, so the user's own ``import torchvision`` still
+fails as it should. Those two architectures are then not offered for detection.
+
+This module is the only place spandrel is imported; without spandrel, detection just
+says how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import types
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from esr_deploy.errors import NoRecipeMatch, RecipeError
+from esr_deploy.recipe import Recipe, parse_recipe
+
+log = logging.getLogger(__name__)
+
+#: What `esr-deploy` pins (the Makefile installs it without its torchvision dependency).
+INSTALL_HINT = "pip install --no-deps spandrel==0.4.2 einops safetensors"
+#: spandrel architectures whose modules import torchvision.
+NEEDS_TORCHVISION = frozenset({"LaMa", "RestoreFormer"})
+#: spandrel purposes esr-deploy compiles: an image in, an image (s× larger) out.
+IMAGE_PURPOSES = ("SR", "Restoration")
+_TORCHVISION_MODULES = (
+    "torchvision",
+    "torchvision.transforms",
+    "torchvision.transforms.functional",
+)
+
+
+class _Missing:
+    """An attribute of the torchvision stand-in: any use beyond attribute access raises."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> _Missing:
+        return _Missing(f"{self._name}.{attr}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModuleNotFoundError(
+            f"torchvision is not installed: {self._name} is not available", name="torchvision"
+        )
+
+
+def _stand_in(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, "esr-deploy's inert stand-in for an absent torchvision")
+    module.__getattr__ = lambda attr: _Missing(f"{name}.{attr}")  # type: ignore[method-assign]
+    return module
+
+
+@contextmanager
+def _torchvision_stand_in() -> Iterator[None]:
+    saved = {m: sys.modules.get(m) for m in _TORCHVISION_MODULES}
+    for m in _TORCHVISION_MODULES:
+        sys.modules[m] = _stand_in(m)
+    try:
+        yield
+    finally:
+        for m, old in saved.items():
+            if old is None:
+                sys.modules.pop(m, None)
+            else:
+                sys.modules[m] = old
+
+
+def _torchvision_usable() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        importlib.import_module("torchvision.transforms.functional")
+    except Exception as exc:  # a broken install raises anything (RuntimeError from its ops)
+        log.warning("torchvision is installed but fails to import (%s); spandrel's LaMa and "
+                    "RestoreFormer are not offered", exc)  # fmt: skip
+        for m in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[m]
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SpandrelModule:
+    """The imported spandrel package and whether torchvision was really there."""
+
+    package: Any
+    with_torchvision: bool
+
+
+@cache
+def spandrel_module() -> SpandrelModule | None:
+    """spandrel, imported once (see the module docstring); ``None`` when not installed."""
+    if importlib.util.find_spec("spandrel") is None:
+        return None
+    if _torchvision_usable():
+        return SpandrelModule(importlib.import_module("spandrel"), True)
+    with _torchvision_stand_in():
+        package = importlib.import_module("spandrel")
+    return SpandrelModule(package, False)
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """One architecture spandrel recognises, and whether esr-deploy can compile it here."""
+
+    id: str
+    name: str
+    usable: bool
+    why_not: str = ""
+
+
+def spandrel_architectures() -> list[ArchInfo]:
+    """Every architecture spandrel detects; unusable ones say why (``esr-deploy recipes``)."""
+    sp = spandrel_module()
+    if sp is None:
+        return []
+    infos = []
+    for support in sp.package.MAIN_REGISTRY.architectures("insertion"):
+        arch = support.architecture
+        why = ""
+        if arch.id in NEEDS_TORCHVISION and not sp.with_torchvision:
+            why = "needs torchvision, which is not installed"
+        infos.append(ArchInfo(str(arch.id), arch.name, not why, why))
+    return infos
+
+
+@dataclass(frozen=True)
+class SpandrelMatch:
+    """What spandrel found: the model with its weights loaded, and how to rebuild it."""
+
+    arch_id: str
+    arch_name: str
+    scale: int
+    purpose: str
+    tags: tuple[str, ...]
+    model: nn.Module
+    arch_args: Mapping[str, Any]  # keyword arguments of build_spandrel
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"hyperparameter of type {type(value).__name__}")
+
+
+def detect_spandrel(state_dict: Mapping[str, torch.Tensor]) -> SpandrelMatch | None:
+    """spandrel's detection on ``state_dict`` (tensors only); ``None`` when spandrel is not
+    installed or recognises no architecture. Raises :class:`ValueError` for a recognised
+    model esr-deploy cannot compile (not an RGB image-to-image network)."""
+    sp = spandrel_module()
+    if sp is None:
+        return None
+    registry = sp.package.MAIN_REGISTRY
+    if not sp.with_torchvision:
+        registry = registry.copy()
+        registry._architectures = [  # spandrel has no public remove; rebuild the order
+            a for a in registry._architectures if a.architecture.id not in NEEDS_TORCHVISION
+        ]
+        registry._ordered = registry._get_ordered(registry._architectures)
+        registry._by_id = {a.architecture.id: a for a in registry._architectures}
+    try:
+        descriptor = registry.load(dict(state_dict))
+    except sp.package.UnsupportedModelError:
+        return None
+    arch = descriptor.architecture
+    if descriptor.purpose not in IMAGE_PURPOSES or not isinstance(
+        descriptor, sp.package.ImageModelDescriptor
+    ):
+        raise ValueError(f"spandrel recognises {arch.name}, a {descriptor.purpose} model")
+    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
+        raise ValueError(
+            f"spandrel recognises {arch.name} with {descriptor.input_channels} input and "
+            f"{descriptor.output_channels} output channels; esr-deploy compiles RGB models"
+        )
+    model = descriptor.model
+    cls = type(model)
+    try:
+        hyper = _jsonable(dict(getattr(model, "hyperparameters", {})))
+    except TypeError as exc:
+        raise ValueError(f"spandrel's {arch.name} has a {exc} that cannot be recorded") from exc
+    return SpandrelMatch(
+        arch_id=str(arch.id),
+        arch_name=arch.name,
+        scale=int(descriptor.scale),
+        purpose=str(descriptor.purpose),
+        tags=tuple(str(t) for t in descriptor.tags),
+        model=model.eval(),
+        arch_args={"cls": f"{cls.__module__}:{cls.__qualname__}", "hyperparameters": hyper},
+    )
+
+
+def build_spandrel(architecture: str, cls: str, hyperparameters: Mapping[str, Any]) -> nn.Module:
+    """Build spandrel's ``architecture`` from its class ``module:Qualname`` and
+    ``hyperparameters`` (random weights). A spandrel detection's recipe names this function
+    as its architecture, so the model is rebuilt from the manifest like any ``--arch``.
+    """
+    module_name, _, qualname = cls.partition(":")
+    if not module_name.startswith("spandrel.") or spandrel_module() is None:
+        raise ValueError(f"{architecture} ({cls!r}) is not a spandrel architecture installed here")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj(**dict(hyperparameters))  # type: ignore[no-any-return]
+
+
+def recipe_from_spandrel(
+    state_dict: Mapping[str, torch.Tensor], no_zoo: NoRecipeMatch
+) -> tuple[Recipe, nn.Module, dict[str, Any]]:
+    """The recipe, the loaded model and a description of the detection, for a state dict no
+    zoo recipe matched; re-raises ``no_zoo`` (with advice) when spandrel finds nothing."""
+    try:
+        match = detect_spandrel(state_dict)
+    except ValueError as exc:
+        raise RecipeError(
+            f"No zoo recipe matches this checkpoint, and {exc} — esr-deploy compiles RGB "
+            "image-to-image networks; describe yours with --arch if it is one."
+        ) from exc
+    if match is None:
+        hint = (
+            f" (spandrel is not installed, so the architectures it recognises were not "
+            f"tried: {INSTALL_HINT})"
+            if spandrel_module() is None
+            else " spandrel recognises none of its architectures in it either."
+        )
+        raise NoRecipeMatch(f"{no_zoo}{hint}") from no_zoo
+    sp = spandrel_module()
+    version = getattr(sp.package, "__version__", "?") if sp else "?"
+    recipe = parse_recipe(
+        {
+            "name": f"{match.arch_id.lower()}_x{match.scale}",
+            "description": f"{match.arch_name} ({', '.join(match.tags)}), detected by spandrel",
+            "arch": f"{__name__}:build_spandrel",
+            "arch_args": {"architecture": match.arch_id, **match.arch_args},
+            "scale": match.scale,
+            "data_range": 1,
+            "color_order": "RGB",
+        }
+    )
+    detection = {
+        "by": f"spandrel {version}",
+        "architecture": match.arch_id,
+        "name": match.arch_name,
+        "purpose": match.purpose,
+        "tags": list(match.tags),
+        "scale": match.scale,
+        "data_range": 1.0,
+        "color_order": "RGB",
+    }
+    return recipe, match.model, detection

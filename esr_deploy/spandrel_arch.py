@@ -37,6 +37,7 @@ from functools import cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esr_deploy.errors import NoRecipeMatch, RecipeError
@@ -161,8 +162,57 @@ class SpandrelMatch:
     scale: int
     purpose: str
     tags: tuple[str, ...]
-    model: nn.Module
+    model: nn.Module  # wrapped in PadToMultiple where spandrel states a size multiple
     arch_args: Mapping[str, Any]  # keyword arguments of build_spandrel
+
+
+class PadToMultiple(nn.Module):
+    """``model`` run as spandrel runs an architecture with a size requirement: the input is
+    reflect-padded at the bottom and right to a multiple of ``multiple`` and the output
+    cropped back to ``scale`` × the input. The padding is computed from the input's shape on
+    every call (zero where none is needed), so an exported graph holds at any size."""
+
+    def __init__(self, model: nn.Module, multiple: int, scale: int) -> None:
+        super().__init__()
+        self.model = model
+        self.multiple = multiple
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        pad_h = (self.multiple - h % self.multiple) % self.multiple
+        pad_w = (self.multiple - w % self.multiple) % self.multiple
+        y = self.model(F.pad(x, (0, pad_w, 0, pad_h), mode="reflect"))
+        return y[..., : h * self.scale, : w * self.scale]
+
+
+class _UniformAdaptivePools:
+    """``torch.nn.functional`` as seen by a spandrel architecture module, except that an
+    adaptive max pool whose input is a multiple of its output size is the max pool it equals
+    (kernel = stride = input / output, taken as constants): ONNX has no adaptive pooling to
+    a size computed from the input, but has this max pool at any size."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(F, name)
+
+    @staticmethod
+    def adaptive_max_pool2d(x: torch.Tensor, output_size: Any, *args: Any, **kw: Any) -> Any:
+        oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if not args and not kw and oh and ow and h % int(oh) == 0 and w % int(ow) == 0:
+            kernel = (h // int(oh), w // int(ow))
+            return F.max_pool2d(x, kernel, kernel)
+        return F.adaptive_max_pool2d(x, output_size, *args, **kw)
+
+
+def _pools_as_max_pools(model: nn.Module) -> None:
+    """Give the architecture module of ``model`` :class:`_UniformAdaptivePools` as its ``F``
+    (only for spandrel's modules, and only where it pads to a multiple: then the adaptive
+    pools of SAFMN-like networks always divide evenly)."""
+    module = sys.modules.get(type(model).__module__)
+    if module is not None and module.__name__.startswith("spandrel.architectures."):
+        if getattr(module, "F", None) is F:
+            module.F = _UniformAdaptivePools()  # type: ignore[attr-defined]
 
 
 def _jsonable(value: Any) -> Any:
@@ -210,6 +260,10 @@ def detect_spandrel(state_dict: Mapping[str, torch.Tensor]) -> SpandrelMatch | N
         hyper = _jsonable(dict(getattr(model, "hyperparameters", {})))
     except TypeError as exc:
         raise ValueError(f"spandrel's {arch.name} has a {exc} that cannot be recorded") from exc
+    multiple = int(descriptor.size_requirements.multiple_of)
+    if multiple > 1:
+        _pools_as_max_pools(model)
+        model = PadToMultiple(model, multiple, int(descriptor.scale))
     return SpandrelMatch(
         arch_id=str(arch.id),
         arch_name=arch.name,
@@ -217,11 +271,22 @@ def detect_spandrel(state_dict: Mapping[str, torch.Tensor]) -> SpandrelMatch | N
         purpose=str(descriptor.purpose),
         tags=tuple(str(t) for t in descriptor.tags),
         model=model.eval(),
-        arch_args={"cls": f"{cls.__module__}:{cls.__qualname__}", "hyperparameters": hyper},
+        arch_args={
+            "cls": f"{cls.__module__}:{cls.__qualname__}",
+            "hyperparameters": hyper,
+            "pad_to_multiple": multiple,
+            "scale": int(descriptor.scale),
+        },
     )
 
 
-def build_spandrel(architecture: str, cls: str, hyperparameters: Mapping[str, Any]) -> nn.Module:
+def build_spandrel(
+    architecture: str,
+    cls: str,
+    hyperparameters: Mapping[str, Any],
+    pad_to_multiple: int = 1,
+    scale: int = 1,
+) -> nn.Module:
     """Build spandrel's ``architecture`` from its class ``module:Qualname`` and
     ``hyperparameters`` (random weights). A spandrel detection's recipe names this function
     as its architecture, so the model is rebuilt from the manifest like any ``--arch``.
@@ -232,7 +297,11 @@ def build_spandrel(architecture: str, cls: str, hyperparameters: Mapping[str, An
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    return obj(**dict(hyperparameters))  # type: ignore[no-any-return]
+    model: nn.Module = obj(**dict(hyperparameters))
+    if pad_to_multiple > 1:
+        _pools_as_max_pools(model)
+        model = PadToMultiple(model, pad_to_multiple, scale)
+    return model
 
 
 def recipe_from_spandrel(

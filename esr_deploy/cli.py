@@ -490,8 +490,10 @@ def validate(
         from esr_deploy.compiler import validate_bundle
         from esr_deploy.errors import ValidationError
         from esr_deploy.progress import RichProgress
+        from esr_deploy.user_code import user_stdout_to_stderr
 
-        report = validate_bundle(bundle, tuple(val or ()), checkpoint, RichProgress(err))
+        with user_stdout_to_stderr():
+            report = validate_bundle(bundle, tuple(val or ()), checkpoint, RichProgress(err))
         if json_output:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:

@@ -35,13 +35,11 @@ from esr_deploy.bundle import (
     check_writable,
     load_bundle,
 )
-from esr_deploy.checkpoint import LoadedCheckpoint, check_finite, load_checkpoint, load_weights
+from esr_deploy.checkpoint import load_checkpoint, load_weights
 from esr_deploy.data import ValidationSet, load_validation_set
 from esr_deploy.errors import (
     BundleError,
     EsrDeployError,
-    KeyMismatchError,
-    NoRecipeMatch,
     ValidationError,
 )
 from esr_deploy.export import (
@@ -54,9 +52,9 @@ from esr_deploy.export import (
     export_onnx,
 )
 from esr_deploy.export_check import export_check_inputs
+from esr_deploy.loading import LoadedModel, ModelSource, load_model
 from esr_deploy.passes import DEFAULT_PASSES, build_passes
 from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult, copy_model
-from esr_deploy.passes.weight_norm import fold_weight_normalisation
 from esr_deploy.paths import default_val_dir
 from esr_deploy.precision.apply import (
     PrecisionOnnx,
@@ -73,12 +71,7 @@ from esr_deploy.recipe import (
     Recipe,
     ShapeProfile,
     Tolerances,
-    describe_closest,
-    detect_recipe,
-    find_recipe,
     parse_recipe,
-    rank_recipes,
-    recipe_from_arch,
 )
 from esr_deploy.targets import Target, require_available
 from esr_deploy.validate.figures import COMPARISON_IMAGES, comparison_figures
@@ -109,18 +102,6 @@ PRUNE_LATENCY_RUNS = 5
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """Where the model comes from: a checkpoint plus a recipe, named or detected."""
-
-    checkpoint: Path
-    recipe: str | None = None
-    arch: str | None = None
-    arch_args: str | None = None
-    scale: int | None = None
-    data_range: float | None = None
-
-
-@dataclass(frozen=True)
 class CompileOptions:
     source: ModelSource
     target: str = "ort-fp32"
@@ -145,16 +126,6 @@ class CompileOptions:
     @property
     def lossy_pruning(self) -> bool:
         return self.prune_ratio is not None or self.prune_to is not None
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    recipe: Recipe
-    model: nn.Module
-    checkpoint: LoadedCheckpoint
-    notes: tuple[str, ...] = ()
-    #: how an architecture found from the state dict alone was recognised (spandrel)
-    detection: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -192,69 +163,6 @@ def check_options(options: CompileOptions) -> None:
             f"--exporter {options.exporter!r} is not an exporter — choose one of "
             f"{', '.join(EXPORTERS)}."
         )
-
-
-def resolve_recipe(source: ModelSource, ckpt: LoadedCheckpoint) -> tuple[Recipe, str]:
-    """The recipe for ``ckpt`` and a sentence saying how it was chosen."""
-    if source.arch:
-        recipe = recipe_from_arch(source.arch, source.arch_args, source.scale, source.data_range)
-        return recipe, f"architecture {source.arch} given with --arch"
-    if source.recipe:
-        return find_recipe(source.recipe), f"recipe '{source.recipe}' given with --recipe"
-    recipe = detect_recipe(ckpt.state_dict)
-    return recipe, f"detected recipe '{recipe.name}' (the only zoo recipe that loads it strictly)"
-
-
-def load_model(source: ModelSource) -> LoadedModel:
-    """Load the checkpoint safely, choose the recipe (zoo, then spandrel's detection), build
-    the model and load its weights; weight normalisation is folded into plain weights."""
-    ckpt = load_checkpoint(source.checkpoint)
-    detection: dict[str, Any] | None = None
-    try:
-        recipe, how = resolve_recipe(source, ckpt)
-    except NoRecipeMatch as no_zoo:
-        from esr_deploy.spandrel_arch import recipe_from_spandrel
-
-        check_finite(ckpt.state_dict)
-        recipe, model, detection = recipe_from_spandrel(ckpt.state_dict, no_zoo)
-        how = (
-            f"{detection['name']} detected by {detection['by']} (no zoo recipe matches): "
-            f"x{recipe.scale}, {recipe.color_order}, input 0..{recipe.data_range:g}"
-        )
-    else:
-        model = _model_with_weights(recipe, ckpt, how)
-    notes = [f"Using {how}."]
-    folded = fold_weight_normalisation(model)
-    if folded:
-        notes.append(f"Weight normalisation folded into plain weights: {', '.join(folded)}.")
-    if ckpt.placeholders:
-        notes.append(
-            "Non-tensor objects in the checkpoint were not imported or run: "
-            + ", ".join(ckpt.placeholders[:5])
-        )
-    return LoadedModel(
-        recipe=recipe, model=model.eval(), checkpoint=ckpt, notes=tuple(notes), detection=detection
-    )
-
-
-def _model_with_weights(recipe: Recipe, ckpt: LoadedCheckpoint, how: str) -> nn.Module:
-    model = recipe.build_model()
-    try:
-        load_weights(model, ckpt)
-    except KeyMismatchError as exc:
-        ranking = rank_recipes(ckpt.state_dict)
-        closest = describe_closest(ranking)
-        fits = [m.recipe.name for m in ranking if m.exact and m.recipe.name != recipe.name]
-        todo = (
-            f"compile it with --recipe {fits[0]}, which loads it exactly"
-            if fits
-            else "fix the recipe's arch_args or name the recipe it was trained with"
-        )
-        raise KeyMismatchError(
-            f"{exc}\n  The checkpoint does not fit {recipe.arch} ({how}); zoo recipes closest "
-            f"to it: {closest} — {todo}."
-        ) from exc
-    return model
 
 
 def load_sets(val_dirs: Sequence[Path], scale: int) -> list[ValidationSet]:

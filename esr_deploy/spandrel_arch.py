@@ -42,6 +42,7 @@ from torch import nn
 
 from esr_deploy.errors import NoRecipeMatch, RecipeError
 from esr_deploy.recipe import Recipe, parse_recipe
+from esr_deploy.user_code import register_user_code
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,14 @@ def spandrel_module() -> SpandrelModule | None:
     """spandrel, imported once (see the module docstring); ``None`` when not installed."""
     if importlib.util.find_spec("spandrel") is None:
         return None
-    if _torchvision_usable():
-        return SpandrelModule(importlib.import_module("spandrel"), True)
-    with _torchvision_stand_in():
+    with_torchvision = _torchvision_usable()
+    if with_torchvision:
         package = importlib.import_module("spandrel")
-    return SpandrelModule(package, False)
+    else:
+        with _torchvision_stand_in():
+            package = importlib.import_module("spandrel")
+    register_user_code(package)  # its networks' errors are model errors (exit 2)
+    return SpandrelModule(package, with_torchvision)
 
 
 @dataclass(frozen=True)

@@ -356,7 +356,7 @@ def _export_failed(
             said.append(f"the {attempt.exporter} exporter failed: {attempt.error}")
             continue
         said.append(f"the {attempt.exporter} export fails {failure.describe()}")
-        fixed_size |= failure.kind in ("runtime", "shape")
+        fixed_size |= failure.size_dependent
     advice = (
         "the graph holds only at the size it was traced at: the export lost the dynamic "
         "H×W (shape-dependent Python in forward, e.g. `if h % window: pad`, or adaptive "

@@ -79,10 +79,17 @@ class CheckFailure:
     kind: str  # "runtime" (ONNX Runtime raised), "shape" or "values"
     detail: str
     node: str | None = None
+    held_on: tuple[str, ...] = ()  # inputs (other sizes) the graph matched before this one
+
+    @property
+    def size_dependent(self) -> bool:
+        """The graph fails at this size but ran, or matched, at another."""
+        return self.kind in ("runtime", "shape") or bool(self.held_on)
 
     def describe(self) -> str:
         at = f" at node '{self.node}'" if self.node else ""
-        return f"on {self.input}{at}: {self.detail}"
+        held = f" (it matched on {', '.join(self.held_on)})" if self.held_on else ""
+        return f"on {self.input}{at}: {self.detail}{held}"
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def check_graph(
     from esr_deploy.backends.onnxruntime import cpu_session  # the CPU runtime's one home
 
     session = cpu_session(path, optimize=False)
-    worst, notes = 0.0, []
+    worst, notes, held = 0.0, [], []
     for label, x in inputs:
         h, w = int(x.shape[-2]), int(x.shape[-1])
         with torch.no_grad():
@@ -155,13 +162,16 @@ def check_graph(
                         f"{error64:.3g} of float64"
                     )
                     worst = max(worst, min(error, error64))
+                    held.append(label)
                     continue
             detail = (
                 f"differs from PyTorch by {error:.3g} × the output span (allowed {tolerance:g})"
             )
             node = locate(x) if locate is not None else None
-            return CheckResult(worst, CheckFailure(label, "values", detail, node), tuple(notes))
+            failure = CheckFailure(label, "values", detail, node, tuple(held))
+            return CheckResult(worst, failure, tuple(notes))
         worst = max(worst, error)
+        held.append(label)
     return CheckResult(worst, None, tuple(notes))
 
 

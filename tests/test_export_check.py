@@ -106,7 +106,7 @@ def test_export_that_holds_at_no_other_size_is_exit_2_naming_the_size(tmp_path: 
     assert "Traceback" not in proc.stderr
     message = proc.stderr[proc.stderr.index("error: ") :].replace("\n", " ")
     for words in ("Could not export a graph that matches PyTorch at every size",
-                  "fails on bird 48×48", "lost the dynamic H×W",
+                  "the dynamo export fails on", "cropped to", "lost the dynamic H×W",
                   "a fixed-size export would work", "tiling can then serve any size"):  # fmt: skip
         assert words in message, message
     assert not (tmp_path / "b").exists()

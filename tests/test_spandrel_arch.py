@@ -23,7 +23,13 @@ import pytest
 import torch
 from torch import nn
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, load_model
+from esr_deploy.compiler import (
+    CompileOptions,
+    ModelSource,
+    compile_model,
+    load_model,
+    validate_bundle,
+)
 from esr_deploy.errors import NoRecipeMatch, RecipeError
 from esr_deploy.spandrel_arch import (
     NEEDS_TORCHVISION,
@@ -86,6 +92,9 @@ def test_corpus_compiles_without_arch(case: Case, tmp_path: Path) -> None:
     for name, v in m["validation"].items():
         assert v["parity_min_psnr"] >= FP32_PARITY_DB, (name, v)
         assert v["passed"]
+    # the bundle re-validates with the network rebuilt from the manifest's recipe
+    report = validate_bundle(result.bundle, (), None)
+    assert report["failures"] == [] and report["reference"].startswith("PyTorch fp32 model")
     print(
         f"\n{case.arch}: {seconds:.1f} s, convs {m['metrics']['training_form']['convs']} -> "
         f"{m['metrics']['convs']} (ONNX {m['metrics']['onnx_convs']}), exporter "

@@ -70,6 +70,16 @@ def register_user_code(module: Any) -> None:
                 _USER_ROOTS.add(root)
 
 
+def _register_found(module_name: str) -> None:
+    """Register the folder of a user module that was found but failed while importing."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except Exception:  # a parent package that itself fails to import
+        spec = None
+    if spec is not None and spec.origin:
+        _USER_ROOTS.add(Path(spec.origin).resolve().parent)
+
+
 def _is_user_file(filename: str) -> bool:
     try:
         path = Path(filename).resolve()
@@ -142,9 +152,7 @@ def import_user_callable(spec: str) -> Callable[..., Any]:
                 f"Could not import module '{module_name}' for architecture '{spec}': {exc} — "
                 "run from the folder that contains it or add that folder to PYTHONPATH."
             ) from exc
-        spec_found = importlib.util.find_spec(module_name.partition(".")[0])
-        if spec_found is not None and spec_found.origin:
-            _USER_ROOTS.add(Path(spec_found.origin).resolve().parent)
+        _register_found(module_name)
         where = user_frame(exc)
         raise UserCodeError(
             f"Module '{module_name}' was found, but it imports '{missing}', which is not "
@@ -152,9 +160,7 @@ def import_user_callable(spec: str) -> Callable[..., Any]:
             f"(pip install {PIP_NAMES.get(missing, missing)}) in this environment."
         ) from exc
     except Exception as exc:  # the user's module may raise anything while importing
-        spec_found = importlib.util.find_spec(module_name.partition(".")[0])
-        if spec_found is not None and spec_found.origin:
-            _USER_ROOTS.add(Path(spec_found.origin).resolve().parent)
+        _register_found(module_name)
         raise user_code_error(exc, f"Importing '{module_name}'") or UserCodeError(
             f"Importing '{module_name}' raised {_describe(exc)} — fix the module."
         ) from exc

@@ -26,7 +26,8 @@ class CudaPinnedSR(PlainSR):
     def __init__(self, channels: int = 8, scale: int = 4) -> None:
         super().__init__(channels, scale)
         self.head = self.head.cuda()
-        self.register_buffer("mean", torch.tensor([0.45, 0.44, 0.40]).view(1, 3, 1, 1).cuda())
+        mean = torch.tensor([0.45, 0.44, 0.40]).view(1, 3, 1, 1).cuda()
+        self.register_buffer("mean", mean, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x - self.mean) + 0.5

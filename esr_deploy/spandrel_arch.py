@@ -238,12 +238,14 @@ def detect_spandrel(state_dict: Mapping[str, torch.Tensor]) -> SpandrelMatch | N
         return None
     registry = sp.package.MAIN_REGISTRY
     if not sp.with_torchvision:
-        registry = registry.copy()
-        registry._architectures = [  # spandrel has no public remove; rebuild the order
-            a for a in registry._architectures if a.architecture.id not in NEEDS_TORCHVISION
-        ]
-        registry._ordered = registry._get_ordered(registry._architectures)
-        registry._by_id = {a.architecture.id: a for a in registry._architectures}
+        registry = sp.package.ArchRegistry()
+        registry.add(
+            *(
+                a
+                for a in sp.package.MAIN_REGISTRY.architectures("insertion")
+                if a.architecture.id not in NEEDS_TORCHVISION
+            )
+        )
     try:
         descriptor = registry.load(dict(state_dict))
     except sp.package.UnsupportedModelError:

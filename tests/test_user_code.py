@@ -96,6 +96,7 @@ def test_cuda_pinned_constructor_is_built_on_the_cpu(checkpoint: Path, tmp_path:
             ["Building", "ValueError: this checkpoint needs config.yaml",
              "misbehaving.py:", "in __init__"],
         ),
+        ("LookupForwardSR", ["KeyError: 'x4'", "misbehaving.py:", "in forward"]),
         (
             "BrokenForwardSR",
             ["NotImplementedError: inference path not written yet (8 channels)",

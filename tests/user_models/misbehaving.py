@@ -65,3 +65,14 @@ class BrokenForwardSR(PlainSR):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.act(self.head(x))
         raise NotImplementedError(f"inference path not written yet ({feats.shape[1]} channels)")
+
+
+class LookupForwardSR(PlainSR):
+    """Raises an error esr-deploy does not expect from a forward (not a size error)."""
+
+    def __init__(self, channels: int = 8, scale: int = 4) -> None:
+        super().__init__(channels, scale)
+        self.branches: dict[str, nn.Module] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branches["x4"](x)

@@ -8,11 +8,10 @@ results differ by hundreds). Random inputs are used only when no image is at han
 
 For each input, :func:`check_graph` runs the graph with ONNX Runtime and compares it with the
 model (float32) relative to the output span (at least the data range). When the difference is
-above the tolerance, the model is also run in float64: if PyTorch's own float32 result is that
-far from float64 (float32 is unstable on this input), the graph is held to the float64 result
-instead, within twice PyTorch's own float32 error. A failure names the input, its size, and the
-node: the ONNX node ONNX Runtime stopped at, or (dynamo exports) the first intermediate value
-that differs from the exported program's.
+above the tolerance and float32 is itself unstable on that input, the graph is held to a
+float64 reference instead (:mod:`esr_deploy.float64_reference`). A failure names the input,
+its size, and the node: the ONNX node ONNX Runtime stopped at, or (dynamo exports) the first
+intermediate value that differs from the exported program's.
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from esr_deploy.float64_reference import float32_instability
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +108,6 @@ def _ort_node(message: str) -> str | None:
     return next((g for g in match.groups() if g), None) if match else None
 
 
-def _float64_output(model: nn.Module, x: torch.Tensor) -> np.ndarray | None:
-    """``model`` run in float64 (on a copy), or ``None`` where the model will not run so."""
-    from esr_deploy.passes.base import copy_model
-
-    try:
-        with torch.no_grad():
-            return copy_model(model).double()(x.double()).numpy()
-    except Exception as exc:  # models that hard-code float32 tensors
-        log.info("no float64 reference: %s", exc)
-        return None
-
-
 def check_graph(
     path: Path,
     model: nn.Module,
@@ -151,19 +140,12 @@ def check_graph(
         span = max(data_range, float(ref.max() - ref.min()))
         error = float(np.max(np.abs(got - ref))) / span
         if error > tolerance:
-            ref64 = _float64_output(model, x)
-            if ref64 is not None:
-                unstable = float(np.max(np.abs(ref - ref64))) / span
-                error64 = float(np.max(np.abs(got - ref64))) / span
-                if unstable > tolerance and error64 <= 2 * unstable:
-                    notes.append(
-                        f"{label}: float32 is unstable here (PyTorch float32 differs from float64 "
-                        f"by {unstable:.3g} × the output span); the graph is within "
-                        f"{error64:.3g} of float64"
-                    )
-                    worst = max(worst, min(error, error64))
-                    held.append(label)
-                    continue
+            excuse = float32_instability(model, x, ref, got, span, tolerance)
+            if excuse is not None:
+                notes.append(f"{label}: {excuse}")
+                worst = max(worst, error)
+                held.append(label)
+                continue
             detail = (
                 f"differs from PyTorch by {error:.3g} × the output span (allowed {tolerance:g})"
             )

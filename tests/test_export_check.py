@@ -120,3 +120,27 @@ def test_exporter_option_is_checked_before_any_work(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--exporter 'jit' is not an exporter" in proc.stderr
+
+
+def test_noise_unstable_model_compiles_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Class 3 through the whole compile: the pass verification (also run on noise) and the
+    export check accept it; parity on the Set5 crops is far above the floor."""
+    from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "noise.pth"
+    torch.save(NoiseUnstableSR().state_dict(), ckpt)
+    monkeypatch.chdir(REPO)
+    arch = "tests.user_models.noise_unstable_sr:NoiseUnstableSR"
+    result = compile_model(
+        CompileOptions(
+            source=ModelSource(checkpoint=ckpt, arch=arch, scale=4, data_range=1),
+            out=tmp_path / "b",
+            latency_shapes=(),
+        )
+    )
+    m = result.manifest
+    assert m["validation"]["set5_crops"]["parity_min_psnr"] >= 60.0
+    assert any(p["name"] == "fold-reparam" and p["modified"] for p in m["passes"])

@@ -14,7 +14,7 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
+.PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# day-to-day lane: everything but the slow end-to-end compiles and the GPU tests
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)

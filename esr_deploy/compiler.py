@@ -408,7 +408,9 @@ def reduce_precision(
         )
         return not any(r.failures() for r in results), detail
 
-    return make_int8(fp32_onnx, out, calib, options.precision, accept, progress)
+    return make_int8(
+        fp32_onnx, out, calib, options.precision, accept, progress, backend.int8_kernels()
+    )
 
 
 def build_manifest(

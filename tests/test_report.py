@@ -46,8 +46,6 @@ from esr_deploy.validate.figures import (
 )
 from esr_deploy.validate.report import REPORT_HTML, render_html, render_report, write_report
 
-torch.set_num_threads(1)
-
 SCALE = 4
 DATA_RANGE = 255.0
 RECIPE = Recipe(name="fake", arch="fake:Fake", scale=SCALE, data_range=DATA_RANGE)

@@ -26,8 +26,6 @@ from esr_deploy.tiling import ReceptiveField, Tile, plan_tiles, receptive_field,
 from esr_deploy.zoo.imdn import IMDN
 from esr_deploy.zoo.rlfn import RLFN
 
-torch.set_num_threads(1)
-
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 

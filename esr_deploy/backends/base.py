@@ -11,11 +11,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from esr_deploy.recipe import ShapeProfile
+
+if TYPE_CHECKING:
+    from esr_deploy.precision.int8_kernels import Int8Kernels
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession: ...
+
+    def int8_kernels(self) -> Int8Kernels | None:
+        """What this backend's int8 convolutions do on this CPU (measured), which sets the
+        int8 weights' range; None for runtimes that accumulate in int32 whatever the CPU
+        (TensorRT, the portable hand-off ONNX), whose weights keep the full ±127."""
+        return None
 
     def check_engine(self, manifest: Mapping[str, Any]) -> None:
         """Refuse a bundle's engine that this machine cannot run (raises ``BundleError`` with

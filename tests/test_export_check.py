@@ -45,6 +45,7 @@ def test_check_inputs_are_real_crops_at_odd_and_minimal_sizes(real_inputs) -> No
     ]
 
 
+@pytest.mark.slow  # two exports (dynamo and TorchScript): 30-60 s on 2 busy cores
 def test_sound_model_unstable_on_noise_compiles_on_real_crops(real_inputs, tmp_path: Path) -> None:
     """Class 3: on uniform noise PyTorch's float32 result is itself far from float64, so the
     old check on noise rejected this sound model; on real crops it is exact to float32."""
@@ -60,6 +61,7 @@ def test_sound_model_unstable_on_noise_compiles_on_real_crops(real_inputs, tmp_p
     assert any("float32 is unstable here" in n for n in on_noise.notes), on_noise.notes
 
 
+@pytest.mark.slow  # two exports (dynamo and TorchScript): 30-60 s on 2 busy cores
 def test_graph_that_differs_names_the_input_and_the_first_differing_node(
     real_inputs, tmp_path: Path
 ) -> None:
@@ -75,6 +77,7 @@ def test_graph_that_differs_names_the_input_and_the_first_differing_node(
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow  # two exports (dynamo and TorchScript): 30-60 s on 2 busy cores
 def test_export_that_loses_dynamic_size_falls_back_to_the_other_exporter(
     real_inputs, tmp_path: Path
 ) -> None:
@@ -90,6 +93,7 @@ def test_export_that_loses_dynamic_size_falls_back_to_the_other_exporter(
         export_onnx(model, tmp_path / "d.onnx", 4, 1.0, check_inputs=real_inputs, exporter="dynamo")
 
 
+@pytest.mark.slow  # two exports (dynamo and TorchScript): 30-60 s on 2 busy cores
 def test_export_that_holds_at_no_other_size_is_exit_2_naming_the_size(tmp_path: Path) -> None:
     """Class 4: pooling to a size computed from the input: no dynamic export holds; the CLI
     says at which size, and that a fixed-size export (with tiling) would work."""

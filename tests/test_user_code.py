@@ -177,6 +177,7 @@ def test_module_that_is_not_found_says_where_to_run(checkpoint: Path, tmp_path: 
     refused(run, "Could not import module 'no_such_user_module'", "PYTHONPATH")
 
 
+@pytest.mark.slow  # two compiles through the CLI
 def test_torch_pruning_is_imported_only_by_its_pass(checkpoint: Path, tmp_path: Path) -> None:
     """A broken torch_pruning (shadowed here by one that raises on import) breaks only the
     compiles that prune, with a clear message."""

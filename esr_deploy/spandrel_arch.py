@@ -27,6 +27,7 @@ says how to install it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 import types

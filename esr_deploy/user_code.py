@@ -24,6 +24,7 @@ module's own folder) and not inside esr-deploy.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys

@@ -8,6 +8,10 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 # type stubs of the TensorRT 10.13 Python API, without tensorrt itself (needs NVIDIA's index)
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
+# spandrel (architecture detection from a state dict) declares torchvision, which only two of
+# its non-SR architectures use and which would pull a torch build of its own: installed
+# without its dependencies; the others (einops, safetensors, ...) are in pyproject.toml
+SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
@@ -20,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(TRT_STUBS)
+	$(BIN)/python -m pip install -q --no-deps $(SPANDREL)
 	touch $@
 
 demo: install

@@ -63,6 +63,14 @@ def _run(fn: Callable[[], T], json_output: bool = False) -> T:
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
+    except Exception as exc:  # the user's model code may raise anything, anywhere
+        from esr_deploy.user_code import user_code_error
+
+        user_error = user_code_error(exc)
+        if user_error is None:
+            raise  # esr-deploy's own bug: exit 1 with the traceback
+        err.print(f"[bold red]error:[/] {escape(str(user_error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(user_error.exit_code) from None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -263,6 +271,13 @@ def compile_cmd(
             "ov-int8,ort-int8,ov-bf16,ov-fp32,ort-fp32, those available here)."
         ),
     ] = None,
+    exporter: Annotated[
+        str,
+        typer.Option(
+            help="ONNX exporter: auto (dynamo, then TorchScript when dynamo fails or its graph "
+            "fails the export check), dynamo or torchscript."
+        ),
+    ] = "auto",
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
     ] = False,
@@ -303,6 +318,7 @@ def compile_cmd(
                 data_range=data_range,
             ),
             target=target,
+            exporter=exporter,
             val_dirs=tuple(val or ()),
             out=out_dir,
             latency_shapes=shapes,
@@ -326,11 +342,14 @@ def compile_cmd(
                 else None
             ),
         )
-        result = compile_model(
-            options,
-            progress=RichProgress(err),
-            on_note=lambda note: err.print(note, highlight=False, markup=False),
-        )
+        from esr_deploy.user_code import user_stdout_to_stderr
+
+        with user_stdout_to_stderr():  # what model code prints must not corrupt --json
+            result = compile_model(
+                options,
+                progress=RichProgress(err),
+                on_note=lambda note: err.print(note, highlight=False, markup=False),
+            )
         if json_output:
             sys.stdout.write(json.dumps(result.manifest, indent=2) + "\n")
             err.print(f"digest: {result.digest}", highlight=False, markup=False)
@@ -386,16 +405,27 @@ def targets(
 
 @app.command()
 def recipes() -> None:
-    """List the zoo's recipes."""
+    """List the zoo's recipes and the architectures spandrel recognises from a state dict."""
 
     def body() -> None:
         from esr_deploy.recipe import zoo_recipes
+        from esr_deploy.spandrel_arch import INSTALL_HINT, spandrel_architectures
 
         table = Table(title="recipes")
         for col in ("name", "scale", "range", "arch", "description"):
             table.add_column(col)
         for r in zoo_recipes():
             table.add_row(r.name, f"x{r.scale}", f"0..{r.data_range:g}", r.arch, r.description)
+        out.print(table)
+        found = spandrel_architectures()
+        if not found:
+            out.print(f"spandrel is not installed ({INSTALL_HINT}): no detection beyond the zoo")
+            return
+        table = Table(title="detected by spandrel when no recipe matches (RGB, 0..1)")
+        for col in ("architecture", "name", "usable here"):
+            table.add_column(col)
+        for a in found:
+            table.add_row(a.id, a.name, "yes" if a.usable else f"no: {a.why_not}")
         out.print(table)
 
     _run(body)
@@ -417,22 +447,24 @@ def inspect(
 
     def body() -> None:
         from esr_deploy.inspection import inspect_bundle, inspect_checkpoint
+        from esr_deploy.user_code import user_stdout_to_stderr
 
         if path.is_dir():
             info = inspect_bundle(path, expect_digest)
         else:
             from esr_deploy.compiler import ModelSource
 
-            info = inspect_checkpoint(
-                ModelSource(
-                    checkpoint=path,
-                    recipe=recipe,
-                    arch=arch,
-                    arch_args=arch_args,
-                    scale=scale,
-                    data_range=data_range,
+            with user_stdout_to_stderr():
+                info = inspect_checkpoint(
+                    ModelSource(
+                        checkpoint=path,
+                        recipe=recipe,
+                        arch=arch,
+                        arch_args=arch_args,
+                        scale=scale,
+                        data_range=data_range,
+                    )
                 )
-            )
         if json_output:
             sys.stdout.write(json.dumps(info, indent=2) + "\n")
             return
@@ -482,6 +514,7 @@ def validate(
         from esr_deploy.compiler import ModelSource
         from esr_deploy.errors import ValidationError
         from esr_deploy.progress import RichProgress
+        from esr_deploy.user_code import user_stdout_to_stderr
         from esr_deploy.validate.rerun import validate_bundle
 
         if checkpoint is None and (recipe or arch or arch_args):
@@ -490,9 +523,10 @@ def validate(
                 "checkpoint too, or none of them to compare with the bundle's fp32 ONNX."
             )
         named = ModelSource(checkpoint, recipe, arch, arch_args) if checkpoint else None
-        report = validate_bundle(
-            bundle, tuple(val or ()), named, RichProgress(err), digest=expect_digest
-        )
+        with user_stdout_to_stderr():  # what model code prints must not corrupt --json
+            report = validate_bundle(
+                bundle, tuple(val or ()), named, RichProgress(err), digest=expect_digest
+            )
         if json_output:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:

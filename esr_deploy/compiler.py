@@ -8,7 +8,6 @@ into place only after every validation check passed (:mod:`esr_deploy.bundle`).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import platform
@@ -35,10 +34,10 @@ from esr_deploy.bundle import (
     StagedBundle,
     check_writable,
 )
-from esr_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_weights
 from esr_deploy.data import ValidationSet, load_validation_set
-from esr_deploy.errors import EsrDeployError, KeyMismatchError, ValidationError
+from esr_deploy.errors import EsrDeployError, ValidationError
 from esr_deploy.export import (
+    EXPORTERS,
     INPUT_NAME,
     OUTPUT_NAME,
     ExportResult,
@@ -46,8 +45,10 @@ from esr_deploy.export import (
     derive_input_range,
     export_onnx,
 )
+from esr_deploy.export_check import export_check_inputs
+from esr_deploy.loading import LoadedModel, ModelSource, load_model
 from esr_deploy.passes import DEFAULT_PASSES, build_passes
-from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult
+from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult, copy_model
 from esr_deploy.paths import default_val_dir
 from esr_deploy.precision.apply import (
     PrecisionOnnx,
@@ -62,11 +63,6 @@ from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import (
     Recipe,
     ShapeProfile,
-    describe_closest,
-    detect_recipe,
-    find_recipe,
-    rank_recipes,
-    recipe_from_arch,
 )
 from esr_deploy.targets import Target, require_available
 from esr_deploy.validate.figures import COMPARISON_IMAGES, comparison_figures
@@ -97,21 +93,10 @@ PRUNE_LATENCY_RUNS = 5
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """Where the model comes from: a checkpoint plus a recipe, named or detected."""
-
-    checkpoint: Path
-    recipe: str | None = None
-    arch: str | None = None
-    arch_args: str | None = None
-    scale: int | None = None
-    data_range: float | None = None
-
-
-@dataclass(frozen=True)
 class CompileOptions:
     source: ModelSource
     target: str = "ort-fp32"
+    exporter: str = "auto"  # esr_deploy.export.EXPORTERS
     val_dirs: tuple[Path, ...] = ()
     out: Path | None = None
     engines_dir: Path = Path("engines")
@@ -132,14 +117,6 @@ class CompileOptions:
     @property
     def lossy_pruning(self) -> bool:
         return self.prune_ratio is not None or self.prune_to is not None
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    recipe: Recipe
-    model: nn.Module
-    checkpoint: LoadedCheckpoint
-    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,46 +151,11 @@ def check_options(options: CompileOptions) -> None:
     if options.prune_to is not None and options.prune_to < 1:
         raise EsrDeployError(f"--prune-to must be at least 1 channel, got {options.prune_to}.")
     check_precision_options(options.precision)
-
-
-def resolve_recipe(source: ModelSource, ckpt: LoadedCheckpoint) -> tuple[Recipe, str]:
-    """The recipe for ``ckpt`` and a sentence saying how it was chosen."""
-    if source.arch:
-        recipe = recipe_from_arch(source.arch, source.arch_args, source.scale, source.data_range)
-        return recipe, f"architecture {source.arch} given with --arch"
-    if source.recipe:
-        return find_recipe(source.recipe), f"recipe '{source.recipe}' given with --recipe"
-    recipe = detect_recipe(ckpt.state_dict)
-    return recipe, f"detected recipe '{recipe.name}' (the only zoo recipe that loads it strictly)"
-
-
-def load_model(source: ModelSource) -> LoadedModel:
-    """Load the checkpoint safely, choose the recipe, build the model and load its weights."""
-    ckpt = load_checkpoint(source.checkpoint)
-    recipe, how = resolve_recipe(source, ckpt)
-    model = recipe.build_model()
-    try:
-        load_weights(model, ckpt)
-    except KeyMismatchError as exc:
-        ranking = rank_recipes(ckpt.state_dict)
-        closest = describe_closest(ranking)
-        fits = [m.recipe.name for m in ranking if m.exact and m.recipe.name != recipe.name]
-        todo = (
-            f"compile it with --recipe {fits[0]}, which loads it exactly"
-            if fits
-            else "fix the recipe's arch_args or name the recipe it was trained with"
+    if options.exporter not in EXPORTERS:
+        raise EsrDeployError(
+            f"--exporter {options.exporter!r} is not an exporter — choose one of "
+            f"{', '.join(EXPORTERS)}."
         )
-        raise KeyMismatchError(
-            f"{exc}\n  The checkpoint does not fit {recipe.arch} ({how}); zoo recipes closest "
-            f"to it: {closest} — {todo}."
-        ) from exc
-    notes = [f"Using {how}."]
-    if ckpt.placeholders:
-        notes.append(
-            "Non-tensor objects in the checkpoint were not imported or run: "
-            + ", ".join(ckpt.placeholders[:5])
-        )
-    return LoadedModel(recipe=recipe, model=model.eval(), checkpoint=ckpt, notes=tuple(notes))
 
 
 def load_sets(val_dirs: Sequence[Path], scale: int) -> list[ValidationSet]:
@@ -297,7 +239,7 @@ def run_passes(
         context,
         verification_inputs(recipe, input_range, sets),
     )
-    return manager.run(copy.deepcopy(model))
+    return manager.run(copy_model(model))
 
 
 @dataclass(frozen=True)
@@ -505,6 +447,7 @@ def build_manifest(
             "placeholders": list(loaded.checkpoint.placeholders),
         },
         "recipe": recipe.to_dict(),
+        "detection": loaded.detection,
         "arch": recipe.arch,
         "arch_args": dict(recipe.arch_args),
         "engine": engine_info,
@@ -567,6 +510,13 @@ def compile_model(
             recipe.data_range,
             max_hw=recipe.profile.max,
             input_range=input_range,
+            check_inputs=export_check_inputs(
+                [(p.name, p.lr) for p in sets[0].pairs],
+                partial(model_input, recipe=recipe),
+                input_range.min_hw,
+                recipe.data_range,
+            ),
+            exporter=options.exporter,
         )
         reference = memoized(loaded.model)
 

@@ -37,6 +37,7 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
         "tensors": len(loaded.checkpoint.state_dict),
         "recipe": loaded.recipe.name,
         "how": " ".join(loaded.notes),
+        "detection": loaded.detection,
         "arch": loaded.recipe.arch,
         "arch_args": dict(loaded.recipe.arch_args),
         "scale": loaded.recipe.scale,

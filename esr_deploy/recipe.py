@@ -14,15 +14,10 @@ overlap.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import os
-import sys
-import sysconfig
 import tomllib
-import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -32,9 +27,10 @@ import torch
 from torch import nn
 
 from esr_deploy.checkpoint import align_keys, expected_shapes, key_overlap
-from esr_deploy.errors import KeyMismatchError, RecipeError
+from esr_deploy.errors import KeyMismatchError, NoRecipeMatch, RecipeError
 from esr_deploy.paths import recipes_dir
 from esr_deploy.shapes import DEFAULT_MAX_HW, DEFAULT_OPT_HW, HW, ShapeProfile
+from esr_deploy.user_code import build_user_model, import_user_callable
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +85,9 @@ class Recipe:
             return DEFAULT_TOLERANCES[precision]
 
     def build_model(self) -> nn.Module:
-        """Instantiate the architecture with random weights, in eval mode."""
-        cls = import_arch(self.arch)
-        try:
-            model = cls(**dict(self.arch_args))
-        except TypeError as exc:
-            raise RecipeError(
-                f"Could not build {self.arch} for recipe '{self.name}' — the constructor "
-                f"rejected the arguments {json.dumps(dict(self.arch_args))}: {exc} — fix "
-                "arch_args in the recipe (or --arch-args) to match the class's signature."
-            ) from exc
-        except Exception as exc:  # noqa: BLE001 - user code may raise anything
-            raise user_code_error(exc, f"Building {self.arch}(**{dict(self.arch_args)})") from exc
-        if not isinstance(model, nn.Module):
-            raise RecipeError(
-                f"{self.arch} is not a torch.nn.Module (got {type(model).__name__}) — "
-                "point --arch / the recipe's arch at the network class."
-            )
-        return model.eval()
+        """Instantiate the architecture with random weights, in eval mode (any failure of
+        the user's code is a :class:`~esr_deploy.errors.UserCodeError`)."""
+        return build_user_model(import_arch(self.arch), self.arch, dict(self.arch_args), self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,58 +102,10 @@ class Recipe:
         }
 
 
-def user_code_error(exc: BaseException, what: str) -> RecipeError:
-    """A clear error for an exception raised inside the user's architecture code: its
-    message and the file/line where it was raised in the user's code (the deepest frame
-    outside Python's and esr-deploy's own files; else the deepest frame)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    library = (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-               str(Path(__file__).parent))  # fmt: skip
-    user = [f for f in frames if not f.filename.startswith("<") and
-            not f.filename.startswith(library)]  # fmt: skip
-    where = (user or list(frames))[-1:]
-    at = f" at {where[0].filename}:{where[0].lineno}" if where else ""
-    return RecipeError(
-        f"{what} failed{at}: {type(exc).__name__}: {exc} — the error is in the architecture's "
-        "code; fix it there (or check --arch / the recipe's arch and arch_args)."
-    )
-
-
-def import_arch(spec: str) -> type:
-    """Import ``package.module:Class``, from the current directory and PYTHONPATH too."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RecipeError(
-            f"Architecture '{spec}' is not of the form package.module:Class — "
-            "write it e.g. as my_models.net:MyNet."
-        )
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:  # only for this import: the rest of the process keeps its own sys.path
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise RecipeError(
-            f"Could not import module '{module_name}' for architecture '{spec}': {exc} — "
-            "run from the folder that contains it or add that folder to PYTHONPATH."
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - importing user code runs it; it may raise anything
-        raise user_code_error(exc, f"Importing module '{module_name}'") from exc
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RecipeError(
-                f"Module '{module_name}' has no attribute '{attr}' (architecture '{spec}') — "
-                "check the class name."
-            )
-        obj = getattr(obj, part)
-    if not isinstance(obj, type):
-        raise RecipeError(f"'{spec}' is not a class — point it at the network class.")
-    return obj
+def import_arch(spec: str) -> Callable[..., Any]:
+    """Import ``package.module:name``, a class or a factory function returning the network,
+    from the current directory and PYTHONPATH too (:mod:`esr_deploy.user_code`)."""
+    return import_user_callable(spec)
 
 
 def _hw(value: Any, what: str, where: str) -> HW:
@@ -367,7 +300,7 @@ def detect_recipe(state_dict: Mapping[str, torch.Tensor]) -> Recipe:
     if len(exact) == 1:
         return exact[0]
     if not exact:
-        raise RecipeError(
+        raise NoRecipeMatch(
             "No zoo recipe matches this checkpoint — its parameter names and shapes fit "
             f"none of the zoo architectures exactly; closest: {describe_closest(ranking)}. — "
             "Name one with --recipe NAME|PATH (the error then lists the differing keys), or "

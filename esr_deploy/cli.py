@@ -64,7 +64,7 @@ def _run(fn: Callable[[], T], json_output: bool = False) -> T:
         err.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
     except Exception as exc:  # the user's model code may raise anything, anywhere
-        from esr_deploy.user_code import user_code_error
+        from esr_deploy.load.user_code import user_code_error
 
         user_error = user_code_error(exc)
         if user_error is None:
@@ -342,7 +342,7 @@ def compile_cmd(
                 else None
             ),
         )
-        from esr_deploy.user_code import user_stdout_to_stderr
+        from esr_deploy.load.user_code import user_stdout_to_stderr
 
         with user_stdout_to_stderr():  # what model code prints must not corrupt --json
             result = compile_model(
@@ -408,8 +408,8 @@ def recipes() -> None:
     """List the zoo's recipes and the architectures spandrel recognises from a state dict."""
 
     def body() -> None:
+        from esr_deploy.load.spandrel import INSTALL_HINT, spandrel_architectures
         from esr_deploy.recipe import zoo_recipes
-        from esr_deploy.spandrel_arch import INSTALL_HINT, spandrel_architectures
 
         table = Table(title="recipes")
         for col in ("name", "scale", "range", "arch", "description"):
@@ -447,7 +447,7 @@ def inspect(
 
     def body() -> None:
         from esr_deploy.inspection import inspect_bundle, inspect_checkpoint
-        from esr_deploy.user_code import user_stdout_to_stderr
+        from esr_deploy.load.user_code import user_stdout_to_stderr
 
         if path.is_dir():
             info = inspect_bundle(path, expect_digest)
@@ -513,8 +513,8 @@ def validate(
     def body() -> None:
         from esr_deploy.compiler import ModelSource
         from esr_deploy.errors import ValidationError
+        from esr_deploy.load.user_code import user_stdout_to_stderr
         from esr_deploy.progress import RichProgress
-        from esr_deploy.user_code import user_stdout_to_stderr
         from esr_deploy.validate.rerun import validate_bundle
 
         if checkpoint is None and (recipe or arch or arch_args):

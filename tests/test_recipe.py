@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from esr_deploy.checkpoint import load_checkpoint
 from esr_deploy.errors import RecipeError
+from esr_deploy.load.checkpoint import load_checkpoint
 from esr_deploy.recipe import (
     DEFAULT_TOLERANCES,
     detect_recipe,

@@ -28,15 +28,15 @@ from esr_deploy.compiler import (
     ModelSource,
     compile_model,
     load_model,
-    validate_bundle,
 )
 from esr_deploy.errors import NoRecipeMatch, RecipeError
-from esr_deploy.spandrel_arch import (
+from esr_deploy.load.spandrel import (
     NEEDS_TORCHVISION,
     build_spandrel,
     spandrel_architectures,
     spandrel_module,
 )
+from esr_deploy.validate.rerun import validate_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 FP32_PARITY_DB = 60.0
@@ -92,8 +92,9 @@ def test_corpus_compiles_without_arch(case: Case, tmp_path: Path) -> None:
     for name, v in m["validation"].items():
         assert v["parity_min_psnr"] >= FP32_PARITY_DB, (name, v)
         assert v["passed"]
-    # the bundle re-validates with the network rebuilt from the manifest's recipe
-    report = validate_bundle(result.bundle, (), None)
+    # the bundle re-validates against the network spandrel detects again in the checkpoint
+    # the user names (nothing recorded in the bundle is imported)
+    report = validate_bundle(result.bundle, (), ModelSource(checkpoint=ckpt))
     assert report["failures"] == [] and report["reference"].startswith("PyTorch fp32 model")
     print(
         f"\n{case.arch}: {seconds:.1f} s, convs {m['metrics']['training_form']['convs']} -> "
@@ -149,7 +150,7 @@ def test_spandrel_imports_without_torchvision() -> None:
     torchvision they are not offered, and torchvision stays absent for everyone else."""
     code = (
         "import importlib.util, sys\n"
-        "from esr_deploy.spandrel_arch import spandrel_architectures, spandrel_module\n"
+        "from esr_deploy.load.spandrel import spandrel_architectures, spandrel_module\n"
         "sp = spandrel_module()\n"
         "usable = {a.id: a.usable for a in spandrel_architectures()}\n"
         "print(sp.with_torchvision, 'torchvision' in sys.modules, usable['SPAN'],"

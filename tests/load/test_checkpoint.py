@@ -1,4 +1,4 @@
-"""Tests for esr_deploy.checkpoint: real files written with torch.save, no mocks."""
+"""Tests for esr_deploy.load (checkpoint, unpickler, keys): real files written with torch.save."""
 
 from __future__ import annotations
 
@@ -18,18 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from esr_deploy.checkpoint import (
+from esr_deploy.errors import CheckpointError, KeyMismatchError, UnsafeCheckpointError
+from esr_deploy.load.checkpoint import NESTING_KEYS, LoadedCheckpoint, load_checkpoint
+from esr_deploy.load.keys import (
     KNOWN_PREFIXES,
-    NESTING_KEYS,
-    LoadedCheckpoint,
     align_keys,
     check_finite,
     expected_shapes,
     key_overlap,
-    load_checkpoint,
     load_weights,
 )
-from esr_deploy.errors import CheckpointError, KeyMismatchError, UnsafeCheckpointError
 
 # ----------------------------------------------------------------------------- helpers
 

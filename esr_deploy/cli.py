@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from esr_deploy import __version__
+from esr_deploy import cli_serving as cs
 from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
 from esr_deploy.precision import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from esr_deploy.validate.regression import DEFAULT_MAX_REGRESSION, parse_shape
@@ -632,6 +633,10 @@ def upscale(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON record per image on stdout.")
     ] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help=cs.RAY_HELP)] = None,
+    actors: Annotated[int, typer.Option(help="With --ray: actors in the pool.")] = 2,
+    actor_cpus: Annotated[float, typer.Option(help="With --ray: CPUs per actor.")] = 1.0,
+    actor_gpus: Annotated[float, typer.Option(help="With --ray: GPUs per actor.")] = 0.0,
 ) -> None:
     """Upscale images with an engine bundle, tiled where they exceed its profile or memory.
 
@@ -651,6 +656,11 @@ def upscale(
         if overlap is not None and overlap < 0:
             raise EsrDeployError(f"--overlap {overlap} is negative — give 0 or more.")
         budget = None if max_memory is None else int(max_memory * 2**30)
+        if ray is not None:
+            from esr_deploy.serving.ray_batch import RayUpscaleRequest as Ray
+
+            r = Ray(bundle, tuple(inputs), out_dir, ray, actors, actor_cpus, actor_gpus, tile)
+            return cs.run_upscale_on_ray(r, overlap, budget, expect_digest, json_output)
         jobs = upscale_jobs(inputs, out_dir)
         upscaler = load(bundle, max_memory=budget, digest=expect_digest)
         err.print(
@@ -660,19 +670,9 @@ def upscale(
             soft_wrap=True,
         )
         records, failed = upscaler.upscale_files(
-            jobs, tile, overlap, RichProgress(err), on_skip=lambda msg: _skip(msg)
+            jobs, tile, overlap, RichProgress(err), on_skip=cs.skip_message
         )
-        for r in records:
-            if json_output:
-                sys.stdout.write(json.dumps(r) + "\n")
-            else:
-                out.print(
-                    f"{r['input']} → {r['output']}: {r['lr'][0]}×{r['lr'][1]} → "
-                    f"{r['sr'][0]}×{r['sr'][1]} {r['kind']}, {r['plan']}, {r['seconds']:.2f} s",
-                    highlight=False,
-                    markup=False,
-                    soft_wrap=True,
-                )
+        cs.show_upscale_records(records, json_output)
         if failed:
             raise DataError(
                 f"{failed} of {len(jobs)} images were skipped (messages above); "
@@ -682,8 +682,7 @@ def upscale(
     _run(body)
 
 
-def _skip(message: str) -> None:
-    err.print(f"[yellow]skipped:[/] {escape(message)}", highlight=False, soft_wrap=True)
+cs.register_serving(app, _run)  # serve, compile --matrix
 
 
 def main() -> None:

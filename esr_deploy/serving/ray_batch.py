@@ -1,0 +1,161 @@
+"""``esr-deploy upscale --ray``: upscale an image collection with a Ray Data actor pool.
+
+Contract:
+
+- the jobs (input file → output PNG) are planned on the driver by the local path's
+  :func:`~esr_deploy.runtime.upscaler.upscale_jobs`, so folders map to the same output names;
+- **resumable**: a job whose output file exists is not run again (outputs are written
+  atomically by :func:`~esr_deploy.data.write_image`, so an existing file is a whole one);
+- the bundle is opened once on the driver through the one strict reader to learn its digest,
+  and each actor opens it once more through :func:`esr_deploy.runtime.upscaler.load` pinned
+  to that digest: an actor never runs a bundle other than the one the driver checked;
+- each image goes through :meth:`Upscaler.upscale_files`, the local path's own reading,
+  planning, upscaling and writing, so outputs are bit for bit those of ``upscale`` without
+  ``--ray``;
+- a failing image is reported (its record has ``error``) and skipped, never losing others;
+  an actor that dies mid-job has its images retried on another actor (Ray Data restarts
+  actors and retries their tasks), so none are lost.
+
+Outputs are written by the actors to local paths: on a multi-node cluster ``--out`` must be a
+filesystem every node sees (a shared mount).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esr_deploy.errors import EsrDeployError
+from esr_deploy.runtime.upscaler import UpscaleJob, upscale_jobs
+from esr_deploy.serving.ray_support import connect, import_ray
+
+
+@dataclass(frozen=True)
+class RayUpscaleRequest:
+    """What ``upscale --ray`` was asked to do (the CLI maps its options to this)."""
+
+    bundle: Path
+    inputs: tuple[Path, ...]
+    out_dir: Path
+    address: str | None = None  # None or "local": start a local Ray; else a cluster address
+    actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    tile: int | None = None
+    overlap: int | None = None
+    max_memory: int | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class RayUpscaleResult:
+    records: list[dict[str, Any]]  # one per image run: the local path's record, or "error"
+    resumed: int  # images skipped because their output already existed
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "error" in r]
+
+    @property
+    def written(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "error" not in r]
+
+
+class UpscaleActor:
+    """One Ray Data actor: opens the bundle once (digest pinned), upscales a batch of jobs."""
+
+    def __init__(
+        self,
+        bundle: str,
+        digest: str,
+        max_memory: int | None,
+        tile: int | None,
+        overlap: int | None,
+    ) -> None:
+        from esr_deploy.runtime.upscaler import load
+
+        self.upscaler = load(bundle, max_memory=max_memory, digest=digest)
+        self.tile, self.overlap = tile, overlap
+
+    def upscale_one(self, job: UpscaleJob) -> dict[str, Any]:
+        """The local path's record for ``job``, or ``{"input", "output", "error"}``."""
+        messages: list[str] = []
+        try:
+            records, _ = self.upscaler.upscale_files(
+                [job], self.tile, self.overlap, on_skip=messages.append
+            )
+        except EsrDeployError as exc:  # e.g. an output that cannot be written
+            messages.append(str(exc))
+            records = []
+        if records:
+            return records[0]
+        return {"input": str(job.input), "output": str(job.output), "error": "; ".join(messages)}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        rows = [
+            self.upscale_one(UpscaleJob(Path(i), Path(o)))
+            for i, o in zip(batch["input"], batch["output"], strict=True)
+        ]
+        return {"record": [json.dumps(r) for r in rows]}
+
+
+def pending_jobs(request: RayUpscaleRequest) -> tuple[list[UpscaleJob], int]:
+    """The jobs whose output does not exist yet, and how many were already done."""
+    jobs = upscale_jobs(list(request.inputs), request.out_dir)
+    todo = [j for j in jobs if not j.output.exists()]
+    return todo, len(jobs) - len(todo)
+
+
+def upscale_on_ray(
+    request: RayUpscaleRequest,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    actor_cls: type[UpscaleActor] = UpscaleActor,
+) -> RayUpscaleResult:
+    """Run ``request`` on Ray (see the module docstring); ``on_record`` sees each record as
+    it arrives (progress). ``actor_cls``: the actor class (a subclass, in tests)."""
+    from esr_deploy.runtime.bundle_reader import open_bundle
+
+    if request.actors < 1:
+        raise EsrDeployError(f"--actors {request.actors} — give 1 or more actors.")
+    bundle = open_bundle(request.bundle, digest=request.digest)  # fail early, on the driver
+    todo, resumed = pending_jobs(request)
+    if not todo:
+        return RayUpscaleResult([], resumed)
+    ray = import_ray()
+    connect(ray, request.address)
+    records = []
+    for record in _run_pipeline(ray, request, str(bundle.path), bundle.digest, todo, actor_cls):
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+    return RayUpscaleResult(records, resumed)
+
+
+def _run_pipeline(
+    ray: Any,
+    request: RayUpscaleRequest,
+    bundle: str,
+    digest: str,
+    jobs: list[UpscaleJob],
+    actor_cls: type[UpscaleActor],
+) -> Iterator[dict[str, Any]]:
+    import json
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI shows one bar of images instead
+    items = [{"input": str(j.input), "output": str(j.output)} for j in jobs]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * request.actors))
+    ds = ds.map_batches(
+        actor_cls,
+        fn_constructor_args=(bundle, digest, request.max_memory, request.tile, request.overlap),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=request.actors),
+        num_cpus=request.cpus_per_actor,
+        num_gpus=request.gpus_per_actor,
+    )  # Ray Data restarts a dead actor and retries its batches (max_restarts=-1 by default)
+    for row in ds.iter_rows():
+        yield json.loads(row["record"])

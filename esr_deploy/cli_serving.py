@@ -26,7 +26,7 @@ out = Console()
 
 RAY_HELP = (
     "Run on Ray: 'local' (a Ray started on this machine) or a cluster address "
-    "(ray://host:10001); needs the ray extra (pip install esr-deploy with [ray])."
+    "(ray://host:10001); needs the ray extra of esr-deploy."
 )
 
 

@@ -156,7 +156,7 @@ def _latency_table(manifest: dict[str, Any]) -> Table:
 
 @app.command("compile")
 def compile_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Trained checkpoint (.pth/.pt/.ckpt).")],
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (.pth/.pt/.ckpt).")] = None,
     target: Annotated[
         str,
         typer.Option(
@@ -267,11 +267,15 @@ def compile_cmd(
         bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    matrix: Annotated[Path | None, typer.Option(help=cs.MATRIX_HELP)] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help=cs.RAY_HELP)] = None,
 ) -> None:
-    """Compile a checkpoint into a validated engine bundle."""
+    """Compile a checkpoint into a validated engine bundle (or a --matrix of them)."""
     _setup_logging(verbose)
 
     def body() -> None:
+        if matrix is not None or checkpoint is None:
+            return cs.compile_matrix(matrix, checkpoint, ray, json_output)
         from esr_deploy.compiler import (
             DEFAULT_LATENCY_SHAPES,
             CompileOptions,
@@ -657,10 +661,8 @@ def upscale(
             raise EsrDeployError(f"--overlap {overlap} is negative — give 0 or more.")
         budget = None if max_memory is None else int(max_memory * 2**30)
         if ray is not None:
-            from esr_deploy.serving.ray_batch import RayUpscaleRequest as Ray
-
-            r = Ray(bundle, tuple(inputs), out_dir, ray, actors, actor_cpus, actor_gpus, tile)
-            return cs.run_upscale_on_ray(r, overlap, budget, expect_digest, json_output)
+            args = (bundle, tuple(inputs), out_dir, ray, actors, actor_cpus, actor_gpus, tile)
+            return cs.run_upscale_on_ray(args, overlap, budget, expect_digest, json_output)
         jobs = upscale_jobs(inputs, out_dir)
         upscaler = load(bundle, max_memory=budget, digest=expect_digest)
         err.print(

@@ -12,14 +12,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-if TYPE_CHECKING:
-    from esr_deploy.serving.ray_batch import RayUpscaleRequest
+from esr_deploy.errors import EsrDeployError
 
 err = Console(stderr=True)
 out = Console()
@@ -27,6 +26,12 @@ out = Console()
 RAY_HELP = (
     "Run on Ray: 'local' (a Ray started on this machine) or a cluster address "
     "(ray://host:10001); needs the ray extra of esr-deploy."
+)
+
+
+MATRIX_HELP = (
+    "A TOML of checkpoints × targets with each cell's resources (instead of CHECKPOINT): "
+    "cells run in a local process pool, or as Ray tasks with --ray."
 )
 
 
@@ -50,18 +55,22 @@ def show_upscale_records(records: list[dict[str, Any]], json_output: bool) -> No
 
 
 def run_upscale_on_ray(
-    request: RayUpscaleRequest,
+    args: tuple[Any, ...],
     overlap: int | None,
     max_memory: int | None,
     digest: str | None,
     json_output: bool,
 ) -> None:
-    """``upscale --ray``: images are upscaled by a Ray Data actor pool; failures are listed."""
+    """``upscale --ray``: images are upscaled by a Ray Data actor pool; failures are listed.
+
+    ``args``: the :class:`RayUpscaleRequest` fields from ``bundle`` to ``tile``, in order."""
     from esr_deploy.errors import DataError
     from esr_deploy.progress import RichProgress
-    from esr_deploy.serving.ray_batch import pending_jobs, upscale_on_ray
+    from esr_deploy.serving.ray_batch import RayUpscaleRequest, pending_jobs, upscale_on_ray
 
-    request = dataclasses.replace(request, overlap=overlap, max_memory=max_memory, digest=digest)
+    request = dataclasses.replace(
+        RayUpscaleRequest(*args), overlap=overlap, max_memory=max_memory, digest=digest
+    )
     todo, done = pending_jobs(request)
     err.print(
         f"{len(todo)} images to upscale on Ray ({request.actors} actors); {done} already "
@@ -82,6 +91,40 @@ def run_upscale_on_ray(
             f"{len(result.failed)} of {len(result.records)} images were skipped (messages "
             f"above); {len(result.written)} written to {request.out_dir}."
         )
+
+
+def compile_matrix(
+    matrix: Path | None, checkpoint: Path | None, ray: str | None, json_output: bool
+) -> None:
+    """``compile --matrix``: every cell's record in one table (stderr with --json) and one
+    JSON file (``matrix.json`` beside the bundles; stdout with --json)."""
+    from rich.table import Table
+
+    from esr_deploy.serving.matrix import load_matrix, run_local, run_on_ray
+
+    if matrix is None or checkpoint is not None:
+        raise EsrDeployError(
+            "compile needs a CHECKPOINT or --matrix FILE, not both or neither — give one."
+        )
+    cells = load_matrix(matrix)
+    err.print(f"{len(cells)} cells" + (f" on Ray ({ray})" if ray else " in a local pool"))
+    records = run_on_ray(cells, ray) if ray else run_local(cells)
+    table = Table(title=f"compile matrix {matrix}")
+    for column in ("checkpoint", "target", "status", "seconds", "bundle / why"):
+        table.add_column(column)
+    for r in records:
+        what = r.get("bundle", r.get("error", ""))
+        table.add_row(r["checkpoint"], r["label"], r["status"], str(r.get("seconds", "")), what)
+    (err if json_output else out).print(table)
+    report = json.dumps({"matrix": str(matrix), "cells": records}, indent=2)
+    summary = cells[0].out.parent / "matrix.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(report + "\n", encoding="utf-8")
+    if json_output:
+        sys.stdout.write(report + "\n")
+    bad = [r for r in records if r["status"] != "ok"]
+    if bad:
+        raise EsrDeployError(f"{len(bad)} of {len(records)} cells did not build — see {summary}.")
 
 
 def register_serving(app: typer.Typer, run: Callable[[Callable[[], Any]], Any]) -> None:

@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
+.PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench ray-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -40,9 +40,13 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/upscale.py
+	$(BIN)/python bench/scale_out.py
 
 upscale-bench: install
 	$(BIN)/python bench/upscale.py
+
+ray-bench: install
+	$(BIN)/python bench/scale_out.py
 
 cpu-bench: install
 	$(BIN)/python bench/cpu.py

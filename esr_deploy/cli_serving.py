@@ -144,8 +144,9 @@ def register_serving(app: typer.Typer, run: Callable[[Callable[[], Any]], Any]) 
             str | None, typer.Option(help="Refuse the bundle unless its digest is this.")
         ] = None,
     ) -> None:
-        """Serve a bundle over HTTP with the Open Inference Protocol v2 (Triton, KServe) on
-        Ray Serve, until interrupted."""
+        """Serve a bundle over HTTP (Open Inference Protocol v2, as Triton) on Ray Serve.
+
+        Runs until interrupted; clients such as tritonclient.http work unchanged."""
 
         def body() -> None:
             from esr_deploy.serving.ray_serve import ServeRequest, serve_forever

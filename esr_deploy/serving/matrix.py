@@ -85,7 +85,9 @@ def node_resources(cpu_flags: frozenset[str] | None = None) -> dict[str, float]:
 
 
 def _bad(path: Path, what: str) -> RecipeError:
-    return RecipeError(f"matrix {path}: {what} — see `esr-deploy compile --help` for the format.")
+    return RecipeError(
+        f"matrix {path}: {what} — see the format in esr_deploy/serving/matrix.py or the README."
+    )
 
 
 def load_matrix(path: Path) -> list[Cell]:

@@ -22,6 +22,7 @@ import json
 import socket
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,22 +113,24 @@ def bench_serve(bundle: Path, crops: list[np.ndarray], requests: int) -> list[di
         time.sleep(0.5)
     images = [np.ascontiguousarray(c[:64, :64]) for c in crops]
 
-    def one(i: int, client: httpclient.InferenceServerClient) -> float:
+    local = threading.local()  # geventhttpclient: one client per thread, used only there
+
+    def one(i: int) -> float:
+        if not hasattr(local, "client"):
+            local.client = httpclient.InferenceServerClient(url)
         tensor = httpclient.InferInput("lr", [64, 64, 3], "UINT8")
         tensor.set_data_from_numpy(images[i % len(images)])
         t = time.perf_counter()
-        client.infer(name, [tensor]).as_numpy("sr")
+        local.client.infer(name, [tensor]).as_numpy("sr")
         return time.perf_counter() - t
 
     results = []
     for concurrency in (1, 4, 16):
-        clients = [httpclient.InferenceServerClient(url) for _ in range(concurrency)]
-        one(0, clients[0])  # warm
-        start_t = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            owners = [clients[i % concurrency] for i in range(requests)]
-            lat = list(pool.map(one, range(requests), owners))
-        wall = time.perf_counter() - start_t
+            list(pool.map(one, range(concurrency)))  # warm: each thread's client connects
+            start_t = time.perf_counter()
+            lat = list(pool.map(one, range(requests)))
+            wall = time.perf_counter() - start_t
         ms = np.array(lat) * 1000
         results.append(
             {
@@ -139,8 +142,6 @@ def bench_serve(bundle: Path, crops: list[np.ndarray], requests: int) -> list[di
             }
         )
         print(json.dumps(results[-1]))
-        for c in clients:
-            c.close()
     stop()
     return results
 
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--serve-only", action="store_true", help="skip the batch part")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "bench"))
     from upscale import compile_bundle  # bench/upscale.py: the RLFN ort-fp32 bundle
@@ -158,8 +160,14 @@ def main() -> None:
         work = Path(tmp)
         bundle = args.bundle or compile_bundle(work / "bundle")
         crops = make_crops(work / "crops")
-        batch = bench_batch(bundle, work / "crops", work, args.actors)
-        print(json.dumps(batch))
+        batch = None
+        if not args.serve_only:
+            batch = bench_batch(bundle, work / "crops", work, args.actors)
+            print(json.dumps(batch))
+        else:
+            import ray
+
+            ray.init(include_dashboard=False, logging_level="warning")
         serve = bench_serve(bundle, crops, args.requests)
     OUT.mkdir(exist_ok=True)
     (OUT / "ray.json").write_text(json.dumps({"batch": batch, "serve": serve}, indent=2) + "\n")

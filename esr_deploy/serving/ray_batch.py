@@ -89,6 +89,9 @@ class UpscaleActor:
         except EsrDeployError as exc:  # e.g. an output that cannot be written
             messages.append(str(exc))
             records = []
+        except Exception as exc:  # an engine error on one image must not fail the whole job
+            messages.append(f"{type(exc).__name__}: {exc}")
+            records = []
         if records:
             return records[0]
         return {"input": str(job.input), "output": str(job.output), "error": "; ".join(messages)}

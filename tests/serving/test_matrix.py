@@ -9,6 +9,7 @@ one slow test compiles the real example checkpoint in the local pool.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,19 @@ def test_cli_matrix_on_ray_writes_one_table_and_one_json(
     assert "4 of 4 cells did not build" in result.output and "unschedulable" in result.output
     report = json.loads((tmp_path / "out" / "matrix.json").read_text())
     assert [c["status"] for c in report["cells"]] == ["failed", "failed"] + ["unschedulable"] * 2
+
+
+def test_a_cell_past_the_timeout_is_cancelled_and_reported(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """A real compile (minutes here) given 3 s: reported as timed out, its task cancelled."""
+    (tmp_path / "m.toml").write_text(
+        f"[[checkpoint]]\npath = '{example_checkpoint()}'\n[[target]]\nname = 'ort-fp32'\n"
+    )
+    start = time.monotonic()
+    [record] = run_on_ray(load_matrix(tmp_path / "m.toml"), None, timeout_s=3)
+    assert record["status"] == "timed out" and "cancelled" in record["error"]
+    assert time.monotonic() - start < 30
 
 
 def test_bad_matrix_files_are_refused(tmp_path: Path) -> None:

@@ -609,8 +609,8 @@ def bench(
 def upscale(
     bundle: Annotated[Path, typer.Argument(help="Engine bundle folder.")],
     inputs: Annotated[
-        list[Path],
-        typer.Argument(help="Images (PNG, JPEG, BMP, WebP, TIFF) or folders of images."),
+        list[str],
+        typer.Argument(help="Images (PNG, JPEG, BMP, WebP, TIFF), folders (or URIs: --ray)."),
     ],
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the upscaled images (PNG).")
@@ -663,7 +663,7 @@ def upscale(
         if ray is not None:
             args = (bundle, tuple(inputs), out_dir, ray, actors, actor_cpus, actor_gpus, tile)
             return cs.run_upscale_on_ray(args, overlap, budget, expect_digest, json_output)
-        jobs = upscale_jobs(inputs, out_dir)
+        jobs = upscale_jobs([Path(i) for i in inputs], out_dir)
         upscaler = load(bundle, max_memory=budget, digest=expect_digest)
         err.print(
             f"{upscaler.name}: x{upscaler.scale}; {upscaler.describe_tiling()}",

@@ -4,6 +4,9 @@ Contract:
 
 - the jobs (input file → output PNG) are planned on the driver by the local path's
   :func:`~esr_deploy.runtime.upscaler.upscale_jobs`, so folders map to the same output names;
+  an input given as a URI that pyarrow can read (``file://``, ``s3://``, ``gs://``, …) is
+  listed recursively the same way, and each actor copies an image to a local temporary file
+  and reads it with the same decoder;
 - **resumable**: a job whose output file exists is not run again (outputs are written
   atomically by :func:`~esr_deploy.data.write_image`, so an existing file is a whole one);
 - the bundle is opened once on the driver through the one strict reader to learn its digest,
@@ -24,10 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from esr_deploy.errors import EsrDeployError
+from esr_deploy.data import IMAGE_EXTENSIONS
+from esr_deploy.errors import DataError, EsrDeployError
 from esr_deploy.runtime.upscaler import UpscaleJob, upscale_jobs
 from esr_deploy.serving.ray_support import connect, import_ray
 
@@ -37,7 +41,7 @@ class RayUpscaleRequest:
     """What ``upscale --ray`` was asked to do (the CLI maps its options to this)."""
 
     bundle: Path
-    inputs: tuple[Path, ...]
+    inputs: tuple[str | Path, ...]  # local files/folders, or URIs (scheme://…) of folders/files
     out_dir: Path
     address: str | None = None  # None or "local": start a local Ray; else a cluster address
     actors: int = 2
@@ -100,16 +104,85 @@ class UpscaleActor:
         import json
 
         rows = [
-            self.upscale_one(UpscaleJob(Path(i), Path(o)))
+            self.upscale_uri(str(i), Path(o))
+            if is_uri(str(i))
+            else self.upscale_one(UpscaleJob(Path(i), Path(o)))
             for i, o in zip(batch["input"], batch["output"], strict=True)
         ]
         return {"record": [json.dumps(r) for r in rows]}
 
+    def upscale_uri(self, uri: str, output: Path) -> dict[str, Any]:
+        """Copy ``uri`` to a local temporary file, upscale it, report it under its URI."""
+        import tempfile
 
-def pending_jobs(request: RayUpscaleRequest) -> tuple[list[UpscaleJob], int]:
-    """The jobs whose output does not exist yet, and how many were already done."""
-    jobs = upscale_jobs(list(request.inputs), request.out_dir)
-    todo = [j for j in jobs if not j.output.exists()]
+        from pyarrow import fs as pafs
+
+        with tempfile.TemporaryDirectory(prefix="esr-ray-") as tmp:
+            local = Path(tmp) / f"image{Path(uri).suffix.lower()}"
+            try:
+                filesystem, path = pafs.FileSystem.from_uri(uri)
+                with filesystem.open_input_stream(path) as src:
+                    local.write_bytes(src.read())
+            except (OSError, ValueError) as exc:
+                return {"input": uri, "output": str(output), "error": f"cannot read {uri}: {exc}"}
+            record = self.upscale_one(UpscaleJob(local, output))
+        if "error" in record:
+            record["error"] = record["error"].replace(str(local), uri)
+        return {**record, "input": uri}
+
+
+def is_uri(text: str) -> bool:
+    return "://" in text
+
+
+def uri_jobs(uri: str, out_dir: Path) -> list[tuple[str, Path]]:
+    """(file URI, output PNG) for each image under ``uri`` (a folder, searched recursively,
+    or one file), named as :func:`upscale_jobs` names a local folder's or file's outputs."""
+    from urllib.parse import urlparse
+
+    from pyarrow import fs as pafs
+
+    scheme = urlparse(uri).scheme
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            return [(uri, out_dir / f"{PurePosixPath(root).stem}.png")]
+        found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot list {uri} — {exc} — check the URI and credentials.") from None
+    files = sorted(
+        f.path
+        for f in found
+        if f.type == pafs.FileType.File and PurePosixPath(f.path).suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise DataError(f"no images under {uri} — it has no {', '.join(IMAGE_EXTENSIONS)} files")
+    base = PurePosixPath(root)
+    return [
+        (
+            f"{scheme}://{f}",
+            out_dir / base.name / PurePosixPath(f).relative_to(base).with_suffix(".png"),
+        )
+        for f in files
+    ]
+
+
+def pending_jobs(request: RayUpscaleRequest) -> tuple[list[tuple[str, Path]], int]:
+    """(input, output) of the jobs whose output does not exist yet, and how many are done."""
+    local = [Path(i) for i in request.inputs if not is_uri(str(i))]
+    jobs = [(str(j.input), j.output) for j in upscale_jobs(local, request.out_dir)] if local else []
+    for uri in (str(i) for i in request.inputs if is_uri(str(i))):
+        jobs += uri_jobs(uri, request.out_dir)
+    seen: dict[Path, str] = {}
+    for given, output in jobs:
+        if output.resolve() in seen:
+            raise EsrDeployError(
+                f"{seen[output.resolve()]} and {given} would both be written to {output} — "
+                "upscale them into different --out folders."
+            )
+        seen[output.resolve()] = given
+    todo = [(i, o) for i, o in jobs if not o.exists()]
     return todo, len(jobs) - len(todo)
 
 
@@ -143,14 +216,14 @@ def _run_pipeline(
     request: RayUpscaleRequest,
     bundle: str,
     digest: str,
-    jobs: list[UpscaleJob],
+    jobs: list[tuple[str, Path]],
     actor_cls: type[UpscaleActor],
 ) -> Iterator[dict[str, Any]]:
     import json
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI shows one bar of images instead
-    items = [{"input": str(j.input), "output": str(j.output)} for j in jobs]
+    items = [{"input": i, "output": str(o)} for i, o in jobs]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * request.actors))
     ds = ds.map_batches(
         actor_cls,

@@ -147,3 +147,19 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees without the extra
     with pytest.raises(TargetUnavailable, match=r"pip install 'esr-deploy\[ray\]'"):
         import_ray()
+
+
+def test_a_filesystem_uri_is_read_through_pyarrow(
+    bundle: Path, images: Path, tmp_path: Path
+) -> None:
+    """``file://`` URIs go through pyarrow's filesystem layer (as ``s3://`` would), and the
+    outputs are still the local path's, byte for byte."""
+    local = _local_outputs(bundle, images, tmp_path / "local")
+    request = RayUpscaleRequest(bundle, (f"file://{images}",), tmp_path / "ray", actors=1)
+    result = upscale_on_ray(request)
+    assert len(result.written) == 5
+    assert all(r["input"].startswith("file:///") for r in result.records)
+    [failed] = result.failed
+    assert failed["input"] == f"file://{images}/broken.png"
+    assert f"file://{images}/broken.png" in failed["error"]
+    assert _outputs(tmp_path / "ray") == local

@@ -67,6 +67,9 @@ def run_upscale_on_ray(
     from esr_deploy.errors import DataError
     from esr_deploy.progress import RichProgress
     from esr_deploy.serving.ray_batch import RayUpscaleRequest, pending_jobs, upscale_on_ray
+    from esr_deploy.serving.ray_support import import_ray
+
+    import_ray()  # says how to install Ray before any work
 
     request = dataclasses.replace(
         RayUpscaleRequest(*args), overlap=overlap, max_memory=max_memory, digest=digest

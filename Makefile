@@ -14,7 +14,7 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
+.PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench ray-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -45,9 +45,13 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/upscale.py
+	$(BIN)/python bench/scale_out.py
 
 upscale-bench: install
 	$(BIN)/python bench/upscale.py
+
+ray-bench: install
+	$(BIN)/python bench/scale_out.py
 
 cpu-bench: install
 	$(BIN)/python bench/cpu.py

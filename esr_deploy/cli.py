@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from esr_deploy import __version__
+from esr_deploy import cli_serving as cs
 from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
 from esr_deploy.gate.options import DEFAULT_MAX_REGRESSION
 from esr_deploy.gate.options import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
@@ -164,7 +165,7 @@ def _latency_table(manifest: dict[str, Any]) -> Table:
 
 @app.command("compile")
 def compile_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Trained checkpoint (.pth/.pt/.ckpt).")],
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (.pth/.pt/.ckpt).")] = None,
     target: Annotated[
         str,
         typer.Option(
@@ -282,11 +283,15 @@ def compile_cmd(
         bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    matrix: Annotated[Path | None, typer.Option(help=cs.MATRIX_HELP)] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help=cs.RAY_HELP)] = None,
 ) -> None:
-    """Compile a checkpoint into a validated engine bundle."""
+    """Compile a checkpoint into a validated engine bundle (or a --matrix of them)."""
     _setup_logging(verbose)
 
     def body() -> None:
+        if matrix is not None or checkpoint is None:
+            return cs.compile_matrix(matrix, checkpoint, ray, json_output)
         from esr_deploy.compiler import (
             DEFAULT_LATENCY_SHAPES,
             CompileOptions,
@@ -634,8 +639,8 @@ def bench(
 def upscale(
     bundle: Annotated[Path, typer.Argument(help="Engine bundle folder.")],
     inputs: Annotated[
-        list[Path],
-        typer.Argument(help="Images (PNG, JPEG, BMP, WebP, TIFF) or folders of images."),
+        list[str],
+        typer.Argument(help="Images (PNG, JPEG, BMP, WebP, TIFF), folders (or URIs: --ray)."),
     ],
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the upscaled images (PNG).")
@@ -662,6 +667,10 @@ def upscale(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON record per image on stdout.")
     ] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help=cs.RAY_HELP)] = None,
+    actors: Annotated[int, typer.Option(help="With --ray: actors in the pool.")] = 2,
+    actor_cpus: Annotated[float, typer.Option(help="With --ray: CPUs per actor.")] = 1.0,
+    actor_gpus: Annotated[float, typer.Option(help="With --ray: GPUs per actor.")] = 0.0,
 ) -> None:
     """Upscale images with an engine bundle, tiled where they exceed its profile or memory.
 
@@ -681,7 +690,10 @@ def upscale(
         if overlap is not None and overlap < 0:
             raise EsrDeployError(f"--overlap {overlap} is negative — give 0 or more.")
         budget = None if max_memory is None else int(max_memory * 2**30)
-        jobs = upscale_jobs(inputs, out_dir)
+        if ray is not None:
+            args = (bundle, tuple(inputs), out_dir, ray, actors, actor_cpus, actor_gpus, tile)
+            return cs.run_upscale_on_ray(args, overlap, budget, expect_digest, json_output)
+        jobs = upscale_jobs([Path(i) for i in inputs], out_dir)
         upscaler = load(bundle, max_memory=budget, digest=expect_digest)
         err.print(
             f"{upscaler.name}: x{upscaler.scale}; {upscaler.describe_tiling()}",
@@ -690,19 +702,9 @@ def upscale(
             soft_wrap=True,
         )
         records, failed = upscaler.upscale_files(
-            jobs, tile, overlap, RichProgress(err), on_skip=lambda msg: _skip(msg)
+            jobs, tile, overlap, RichProgress(err), on_skip=cs.skip_message
         )
-        for r in records:
-            if json_output:
-                sys.stdout.write(json.dumps(r) + "\n")
-            else:
-                out.print(
-                    f"{r['input']} → {r['output']}: {r['lr'][0]}×{r['lr'][1]} → "
-                    f"{r['sr'][0]}×{r['sr'][1]} {r['kind']}, {r['plan']}, {r['seconds']:.2f} s",
-                    highlight=False,
-                    markup=False,
-                    soft_wrap=True,
-                )
+        cs.show_upscale_records(records, json_output)
         if failed:
             raise DataError(
                 f"{failed} of {len(jobs)} images were skipped (messages above); "
@@ -712,8 +714,7 @@ def upscale(
     _run(body)
 
 
-def _skip(message: str) -> None:
-    err.print(f"[yellow]skipped:[/] {escape(message)}", highlight=False, soft_wrap=True)
+cs.register_serving(app, _run)  # serve, compile --matrix
 
 
 def main() -> None:

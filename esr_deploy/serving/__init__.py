@@ -1,0 +1,1 @@
+"""Hand-off and scale-out: running bundles under other serving systems (Ray, Triton)."""

@@ -34,8 +34,8 @@ import torch
 from esr_deploy.auto import AUTO_CANDIDATES, AUTO_MAX_PSNR_DROP
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, load_sets, run_passes
 from esr_deploy.export import derive_input_range
-from esr_deploy.load.checkpoint import load_checkpoint
-from esr_deploy.load.keys import load_weights
+from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.keys import load_weights
 from esr_deploy.recipe import find_recipe
 from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import availability, get_target, require_available

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
-from esr_deploy.load.checkpoint import load_checkpoint
-from esr_deploy.load.keys import load_weights
+from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.keys import load_weights
 from esr_deploy.recipe import find_recipe
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,8 +23,8 @@ import torch
 
 from esr_deploy.compiler import load_sets, run_passes, scratch_engine
 from esr_deploy.export import derive_input_range
-from esr_deploy.load.checkpoint import load_checkpoint
-from esr_deploy.load.keys import load_weights
+from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.keys import load_weights
 from esr_deploy.recipe import Recipe, find_recipe
 from esr_deploy.targets import require_available
 from esr_deploy.validate.latency import measure_interleaved

@@ -65,7 +65,7 @@ def _run(fn: Callable[[], T], json_output: bool = False) -> T:
         err.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
     except Exception as exc:  # the user's model code may raise anything, anywhere
-        from esr_deploy.load.user_code import user_code_error
+        from esr_deploy.loading.user_code import user_code_error
 
         user_error = user_code_error(exc)
         if user_error is None:
@@ -347,7 +347,7 @@ def compile_cmd(
                 else None
             ),
         )
-        from esr_deploy.load.user_code import user_stdout_to_stderr
+        from esr_deploy.loading.user_code import user_stdout_to_stderr
 
         with user_stdout_to_stderr():  # what model code prints must not corrupt --json
             result = compile_model(
@@ -413,7 +413,7 @@ def recipes() -> None:
     """List the zoo's recipes and the architectures spandrel recognises from a state dict."""
 
     def body() -> None:
-        from esr_deploy.load.spandrel import INSTALL_HINT, spandrel_architectures
+        from esr_deploy.loading.spandrel import INSTALL_HINT, spandrel_architectures
         from esr_deploy.recipe import zoo_recipes
 
         table = Table(title="recipes")
@@ -452,7 +452,7 @@ def inspect(
 
     def body() -> None:
         from esr_deploy.inspection import inspect_bundle, inspect_checkpoint
-        from esr_deploy.load.user_code import user_stdout_to_stderr
+        from esr_deploy.loading.user_code import user_stdout_to_stderr
 
         if path.is_dir():
             info = inspect_bundle(path, expect_digest)
@@ -518,7 +518,7 @@ def validate(
     def body() -> None:
         from esr_deploy.compiler import ModelSource
         from esr_deploy.errors import ValidationError
-        from esr_deploy.load.user_code import user_stdout_to_stderr
+        from esr_deploy.loading.user_code import user_stdout_to_stderr
         from esr_deploy.progress import RichProgress
         from esr_deploy.validate.rerun import validate_bundle
 

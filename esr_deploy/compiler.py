@@ -46,7 +46,7 @@ from esr_deploy.export import (
     export_onnx,
 )
 from esr_deploy.export_check import export_check_inputs
-from esr_deploy.load.detect import LoadedModel, ModelSource, load_model
+from esr_deploy.loading.detect import LoadedModel, ModelSource, load_model
 from esr_deploy.passes import DEFAULT_PASSES, build_passes
 from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult, copy_model
 from esr_deploy.paths import default_val_dir

@@ -149,7 +149,7 @@ def derive_input_range(model: nn.Module, scale: int) -> InputRange:
     why = _run_probe(model, PROBE_LIMIT, PROBE_LIMIT, scale)
     ok.append(why is None)
     if why is not None:
-        from esr_deploy.load.user_code import user_frame
+        from esr_deploy.loading.user_code import user_frame
 
         where = user_frame(why)
         raise ExportError(

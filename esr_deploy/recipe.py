@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from esr_deploy.errors import KeyMismatchError, NoRecipeMatch, RecipeError
-from esr_deploy.load.keys import align_keys, expected_shapes, key_overlap
-from esr_deploy.load.user_code import build_user_model, import_user_callable
+from esr_deploy.loading.keys import align_keys, expected_shapes, key_overlap
+from esr_deploy.loading.user_code import build_user_model, import_user_callable
 from esr_deploy.paths import recipes_dir
 from esr_deploy.shapes import DEFAULT_MAX_HW, DEFAULT_OPT_HW, HW, ShapeProfile
 
@@ -104,7 +104,7 @@ class Recipe:
 
 def import_arch(spec: str) -> Callable[..., Any]:
     """Import ``package.module:name``, a class or a factory function returning the network,
-    from the current directory and PYTHONPATH too (:mod:`esr_deploy.load.user_code`)."""
+    from the current directory and PYTHONPATH too (:mod:`esr_deploy.loading.user_code`)."""
     return import_user_callable(spec)
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
-from esr_deploy.load.checkpoint import load_checkpoint
-from esr_deploy.load.keys import load_weights
+from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.keys import load_weights
 from esr_deploy.passes.base import PassContext
 from esr_deploy.passes.prune_channels import PruneChannels
 from esr_deploy.recipe import find_recipe

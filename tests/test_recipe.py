@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from esr_deploy.errors import RecipeError
-from esr_deploy.load.checkpoint import load_checkpoint
+from esr_deploy.loading.checkpoint import load_checkpoint
 from esr_deploy.recipe import (
     DEFAULT_TOLERANCES,
     detect_recipe,

@@ -18,8 +18,8 @@ from esr_deploy.backends.onnxruntime import cpu_session
 from esr_deploy.data import read_image
 from esr_deploy.errors import EsrDeployError, TilingError
 from esr_deploy.export import InputRange, export_onnx
-from esr_deploy.load.checkpoint import load_checkpoint
-from esr_deploy.load.keys import load_weights
+from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.keys import load_weights
 from esr_deploy.precision.fp16 import convert_fp16
 from esr_deploy.precision.int8 import name_nodes, quantize_int8
 from esr_deploy.recipe import find_recipe

@@ -90,3 +90,11 @@ def test_the_base_install_is_the_runtime_and_compile_is_an_extra() -> None:
         assert compile_side not in base
         assert any(compile_side in d for d in project["optional-dependencies"]["compile"])
     assert "onnxruntime" in base and "onnx" in base
+
+
+def test_esr_deploy_load_stays_the_function_whatever_is_imported() -> None:
+    """No subpackage may be named ``load``: importing it would replace the API function."""
+    import esr_deploy
+    import esr_deploy.loading.checkpoint  # noqa: F401 (the compile side, imported first)
+
+    assert callable(esr_deploy.load) and not isinstance(esr_deploy.load, type(esr_deploy))

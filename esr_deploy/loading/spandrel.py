@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esr_deploy.errors import NoRecipeMatch, RecipeError
-from esr_deploy.load.user_code import register_user_code
+from esr_deploy.loading.user_code import register_user_code
 from esr_deploy.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)

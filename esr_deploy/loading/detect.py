@@ -11,8 +11,8 @@ from typing import Any
 from torch import nn
 
 from esr_deploy.errors import KeyMismatchError, NoRecipeMatch
-from esr_deploy.load.checkpoint import LoadedCheckpoint, load_checkpoint
-from esr_deploy.load.keys import check_finite, load_weights
+from esr_deploy.loading.checkpoint import LoadedCheckpoint, load_checkpoint
+from esr_deploy.loading.keys import check_finite, load_weights
 from esr_deploy.passes.weight_norm import fold_weight_normalisation
 from esr_deploy.recipe import (
     Recipe,
@@ -65,7 +65,7 @@ def load_model(source: ModelSource) -> LoadedModel:
     try:
         recipe, how = resolve_recipe(source, ckpt)
     except NoRecipeMatch as no_zoo:
-        from esr_deploy.load.spandrel import recipe_from_spandrel
+        from esr_deploy.loading.spandrel import recipe_from_spandrel
 
         check_finite(ckpt.state_dict)
         recipe, model, detection = recipe_from_spandrel(ckpt.state_dict, no_zoo)

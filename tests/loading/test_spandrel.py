@@ -30,7 +30,7 @@ from esr_deploy.compiler import (
     load_model,
 )
 from esr_deploy.errors import NoRecipeMatch, RecipeError
-from esr_deploy.load.spandrel import (
+from esr_deploy.loading.spandrel import (
     NEEDS_TORCHVISION,
     build_spandrel,
     spandrel_architectures,
@@ -150,7 +150,7 @@ def test_spandrel_imports_without_torchvision() -> None:
     torchvision they are not offered, and torchvision stays absent for everyone else."""
     code = (
         "import importlib.util, sys\n"
-        "from esr_deploy.load.spandrel import spandrel_architectures, spandrel_module\n"
+        "from esr_deploy.loading.spandrel import spandrel_architectures, spandrel_module\n"
         "sp = spandrel_module()\n"
         "usable = {a.id: a.usable for a in spandrel_architectures()}\n"
         "print(sp.with_torchvision, 'torchvision' in sys.modules, usable['SPAN'],"

@@ -1,4 +1,4 @@
-"""Tests for esr_deploy.load (checkpoint, unpickler, keys): real files written with torch.save."""
+"""Tests for esr_deploy.loading (checkpoint, unpickler, keys): real files written with torch.save."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from esr_deploy.errors import CheckpointError, KeyMismatchError, UnsafeCheckpointError
-from esr_deploy.load.checkpoint import NESTING_KEYS, LoadedCheckpoint, load_checkpoint
-from esr_deploy.load.keys import (
+from esr_deploy.loading.checkpoint import NESTING_KEYS, LoadedCheckpoint, load_checkpoint
+from esr_deploy.loading.keys import (
     KNOWN_PREFIXES,
     align_keys,
     check_finite,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from esr_deploy.errors import CheckpointError, KeyMismatchError
-from esr_deploy.load.checkpoint import REPORT_LIMIT, LoadedCheckpoint
+from esr_deploy.loading.checkpoint import REPORT_LIMIT, LoadedCheckpoint
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ A checkpoint is read in two steps, and neither ever imports or runs code named b
    unpickler. It handles plain state dicts, BasicSR ``params``/``params_ema`` files and the
    legacy (pre-1.6, non-zip) format, and moves CUDA tensors to the CPU.
 
-   (:mod:`esr_deploy.load.unpickler`).
+   (:mod:`esr_deploy.loading.unpickler`).
 
 The state dict is then found at the top level or under one of :data:`NESTING_KEYS`
 (up to :data:`MAX_NESTING_DEPTH` levels, e.g. ``{"model": {"state_dict": ...}}``), and only
 its tensor entries are kept.
-:mod:`esr_deploy.load.keys` matches its keys with an architecture.
+:mod:`esr_deploy.loading.keys` matches its keys with an architecture.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from esr_deploy.errors import CheckpointError, UnsafeCheckpointError
-from esr_deploy.load.unpickler import restricted_load
+from esr_deploy.loading.unpickler import restricted_load
 
 logger = logging.getLogger(__name__)
 

@@ -65,6 +65,10 @@ def _run(fn: Callable[[], T], json_output: bool = False) -> T:
         err.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
     except Exception as exc:  # the user's model code may raise anything, anywhere
+        from esr_deploy.targets import COMPILE_SIDE
+
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in COMPILE_SIDE:
+            raise  # a runtime-only install: main() says what to install
         from esr_deploy.loading.user_code import user_code_error
 
         user_error = user_code_error(exc)
@@ -452,12 +456,12 @@ def inspect(
 
     def body() -> None:
         from esr_deploy.inspection import inspect_bundle, inspect_checkpoint
-        from esr_deploy.loading.user_code import user_stdout_to_stderr
 
         if path.is_dir():
             info = inspect_bundle(path, expect_digest)
         else:
             from esr_deploy.compiler import ModelSource
+            from esr_deploy.loading.user_code import user_stdout_to_stderr
 
             with user_stdout_to_stderr():
                 info = inspect_checkpoint(

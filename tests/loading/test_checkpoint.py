@@ -1,4 +1,4 @@
-"""Tests for esr_deploy.loading (checkpoint, unpickler, keys): real files written with torch.save."""
+"""Tests for esr_deploy.loading (checkpoint, unpickler, keys): real files saved by torch."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""nn.Module → ONNX (float32, dynamic H×W), checked, simplified, and verified against PyTorch.
+"""nn.Module → ONNX (float32, dynamic batch, H and W), checked, simplified, verified vs PyTorch.
 
 The graph has one input ``lr`` (N×3×H×W, float32, range [0, data_range]) and one output ``sr``
-(N×3×sH×sW). Steps:
+(N×3×sH×sW); the batch ``N`` is dynamic from 1 to :data:`MAX_BATCH` (recorded in the
+result's ``batch`` range), so a server can stack same-size requests. Steps:
 
 1. **Valid input range.** Some networks reject small inputs: RLFN/RFDN's ESA block applies a
    3×3 stride-2 conv without padding and then a 7×7 stride-3 max-pool, so an LR side ``n``
@@ -10,12 +11,13 @@ The graph has one input ``lr`` (N×3×H×W, float32, range [0, data_range]) and 
    records the smallest ``n`` from which every size it tried works (height and width
    separately), together with any larger size that still failed.
 2. **Export** with ``torch.onnx.export`` (dynamo/torch.export first, the TorchScript exporter
-   as a fallback), H and W symbolic.
+   as a fallback), N, H and W symbolic (traced with a batch of 2: a batch of 1 would be
+   specialised to the constant 1).
 3. ``onnx.checker`` (full check, with shape inference), then **onnxsim** (kept only if it
    succeeds and its result still checks).
 4. **Verification**: ONNX Runtime runs the graph on seeded random inputs of odd and minimal
-   sizes; the largest absolute difference to PyTorch, relative to ``data_range``, must stay
-   within :data:`EXPORT_TOLERANCE`.
+   sizes, and on a batch of 2 different images; the largest absolute difference to PyTorch,
+   relative to ``data_range``, must stay within :data:`EXPORT_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ PROBE_LIMIT = 64
 _PROBE_OTHER_SIDE = 32
 _SEED = 20260
 _CHANNELS = 3
+#: the largest batch the exported graph declares (its batch dimension is symbolic, 1..MAX_BATCH)
+MAX_BATCH = 64
+_TRACE_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class ExportResult:
             "simplified": self.simplified,
             "input_range": self.input_range.to_dict(),
             "max_abs_error": self.max_abs_error,
+            "batch": {"min": 1, "max": MAX_BATCH},
             "nodes": self.stats.nodes,
             "convs": self.stats.convs,
             "params": self.stats.params,
@@ -196,6 +202,7 @@ def _export_dynamo(
     model: nn.Module, sample: torch.Tensor, min_hw: Sequence[int], max_hw: Sequence[int], opset: int
 ) -> onnx.ModelProto:
     dims = {
+        0: torch.export.Dim("n", min=1, max=MAX_BATCH),
         2: torch.export.Dim("h", min=max(2, min_hw[0]), max=max(max_hw[0], 4096)),
         3: torch.export.Dim("w", min=max(2, min_hw[1]), max=max(max_hw[1], 4096)),
     }
@@ -226,7 +233,10 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, opset: int) -> o
             buf,  # type: ignore[arg-type]  # file objects are accepted at run time
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {2: "h", 3: "w"}, OUTPUT_NAME: {2: "H", 3: "W"}},
+            dynamic_axes={
+                INPUT_NAME: {0: "n", 2: "h", 3: "w"},
+                OUTPUT_NAME: {0: "n", 2: "H", 3: "W"},
+            },
             opset_version=min(opset, 17),
             dynamo=False,
         )
@@ -255,15 +265,15 @@ def _verify(
     session = cpu_session(path, optimize=False)
     gen = torch.Generator().manual_seed(_SEED)
     worst = 0.0
-    for h, w in sizes:
-        x = torch.rand(1, _CHANNELS, h, w, generator=gen) * data_range
+    for batch, (h, w) in [(1, hw) for hw in sizes] + [(_TRACE_BATCH, sizes[-1])]:
+        x = torch.rand(batch, _CHANNELS, h, w, generator=gen) * data_range
         with torch.no_grad():
             ref = model(x).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         if got.shape != ref.shape:
             raise ExportError(
                 f"The exported ONNX returns shape {got.shape} for a {h}×{w} input where "
-                f"PyTorch returns {ref.shape} — the export lost the dynamic H×W."
+                f"PyTorch returns {ref.shape} — the export lost the dynamic batch or H×W."
             )
         # relative to the output's span (at least the data range): float32 rounding scales
         # with the values, and a model that is not trained (or pruned without fine-tuning)
@@ -291,7 +301,8 @@ def export_onnx(
     input_range = input_range or derive_input_range(model, scale)
     min_hw = input_range.min_hw
     sample_hw = (max(min_hw[0], 64), max(min_hw[1], 64))
-    sample = torch.rand(1, _CHANNELS, *sample_hw, generator=torch.Generator().manual_seed(_SEED))
+    gen = torch.Generator().manual_seed(_SEED)
+    sample = torch.rand(_TRACE_BATCH, _CHANNELS, *sample_hw, generator=gen)
     notes: list[str] = []
     try:
         with warnings.catch_warnings(), _quiet_exporter():

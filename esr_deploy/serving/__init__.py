@@ -1,0 +1,1 @@
+"""Hand-off to serving stacks: Triton model repository export, the inference service, Ray jobs."""

@@ -186,7 +186,12 @@ def test_export_parses_into_model_config_and_batch_of_four_matches_bundle(
     lr = _crops(sr_data_dir)
     got = _run_exported(entry.version_dir, backend, lr)
     upscaler = esr_deploy.load(bundle)  # the bundle's own engine, one image per call
-    validation = json.loads((bundle / "manifest.json").read_text())["validation"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    validation = manifest["validation"]
+    assert manifest["batch"]["range"] == {"min": 1, "max": 64}  # compile checked a batch too
+    assert manifest["batch"]["parity"]["min_psnr_vs_single"] >= validation["set5_crops"][
+        "required"
+    ]["parity_min_psnr"]
     floor_db = min(v["required"]["parity_min_psnr"] for v in validation.values())
     assert got.shape == (4, 3, 4 * CROP, 4 * CROP)
     for i in range(4):

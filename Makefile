@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
+.PHONY: install demo test test-fast test-gpu bench throughput cpu-bench precision upscale-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/upscale.py
+	$(BIN)/python bench/throughput.py
+
+throughput: install
+	$(BIN)/python bench/throughput.py
 
 upscale-bench: install
 	$(BIN)/python bench/upscale.py

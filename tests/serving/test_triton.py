@@ -189,9 +189,10 @@ def test_export_parses_into_model_config_and_batch_of_four_matches_bundle(
     manifest = json.loads((bundle / "manifest.json").read_text())
     validation = manifest["validation"]
     assert manifest["batch"]["range"] == {"min": 1, "max": 64}  # compile checked a batch too
-    assert manifest["batch"]["parity"]["min_psnr_vs_single"] >= validation["set5_crops"][
-        "required"
-    ]["parity_min_psnr"]
+    assert (
+        manifest["batch"]["parity"]["min_psnr_vs_single"]
+        >= validation["set5_crops"]["required"]["parity_min_psnr"]
+    )
     floor_db = min(v["required"]["parity_min_psnr"] for v in validation.values())
     assert got.shape == (4, 3, 4 * CROP, 4 * CROP)
     for i in range(4):

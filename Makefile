@@ -14,7 +14,8 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu bench cpu-bench precision upscale-bench ray-bench zoo reparam prune lint clean
+.PHONY: install demo test test-fast test-gpu bench throughput cpu-bench precision upscale-bench \
+	ray-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +47,10 @@ bench: install
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/upscale.py
 	$(BIN)/python bench/scale_out.py
+	$(BIN)/python bench/throughput.py
+
+throughput: install
+	$(BIN)/python bench/throughput.py
 
 upscale-bench: install
 	$(BIN)/python bench/upscale.py

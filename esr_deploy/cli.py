@@ -718,6 +718,31 @@ def upscale(
     _run(body)
 
 
+@app.command()
+def export(
+    bundle: Annotated[Path, typer.Argument(help="Engine bundle folder.")],
+    triton: Annotated[Path, typer.Option("--triton", help="Triton model repository folder.")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: <name>-<target>).")] = None,
+    version: Annotated[int, typer.Option(help="Model version folder (integer ≥ 1).")] = 1,
+    max_batch_size: Annotated[int | None, typer.Option(help="Default: engine's, ≤ 8.")] = None,
+    instances: Annotated[int, typer.Option(help="Instances in the instance group.")] = 1,
+    expect_digest: ExpectDigest = None,
+) -> None:
+    """Write a Triton model repository entry (config.pbtxt, model, manifest, digest)."""
+    _setup_logging(False)
+
+    def body() -> None:
+        from esr_deploy.serving.triton import TritonRequest, export_triton
+
+        request = TritonRequest(bundle, triton, name, version, max_batch_size, instances,
+                                expect_digest)  # fmt: skip
+        entry = export_triton(request)
+        text = f"{entry.version_dir}: {entry.plan.note}; max_batch_size {entry.max_batch_size}"
+        out.print(f"{text}; bundle {entry.digest}", markup=False, soft_wrap=True)
+
+    _run(body)
+
+
 cs.register_serving(app, _run)  # serve, compile --matrix
 
 

@@ -65,6 +65,7 @@ from esr_deploy.recipe import (
     ShapeProfile,
 )
 from esr_deploy.targets import Target, require_available
+from esr_deploy.validate.batch import check_batch, measure_throughput
 from esr_deploy.validate.figures import COMPARISON_IMAGES, comparison_figures
 from esr_deploy.validate.latency import measure_interleaved, measure_latency
 from esr_deploy.validate.metrics import ModelMetrics, model_metrics
@@ -553,9 +554,15 @@ def compile_model(
         }
         session = backend.load(staged.dir / built.engine_file, built.settings)
         results = check(session, quiet=False)
+        parity = check_batch(session, sets, recipe, input_range.min_hw, tolerance.parity_min_psnr)
+        batch = {"range": export.to_dict()["batch"], "parity": parity}
         shapes = _usable_shapes(options.latency_shapes, export)
         if not backend.measures_latency:
             shapes = []
+        if shapes:  # images/s at batch 1 and the batch profile's opt batch, first shape
+            runs, warm = min(options.latency_runs, 10), options.latency_warmup
+            batch["throughput"] = measure_throughput(session, shapes[0], recipe.data_range,
+                                                     runs, warm)  # fmt: skip
         latency = measure_engine_latency(
             session,
             shapes,
@@ -592,6 +599,7 @@ def compile_model(
             metrics,
             pass_results,
         )
+        manifest["batch"] = batch
         if precision_info is not None:
             manifest["precision_onnx"] = precision_info
         pruning = pruning_report(

@@ -1,7 +1,8 @@
-"""nn.Module → ONNX (float32, dynamic H×W), checked, simplified, and verified against PyTorch.
+"""nn.Module → ONNX (float32, dynamic batch, H and W), checked, simplified, verified vs PyTorch.
 
 The graph has one input ``lr`` (N×3×H×W, float32, range [0, data_range]) and one output ``sr``
-(N×3×sH×sW). Steps:
+(N×3×sH×sW); the batch ``N`` is dynamic from 1 to :data:`MAX_BATCH` (recorded in the
+result's ``batch`` range), so a server can stack same-size requests. Steps:
 
 1. **Valid input range.** Some networks reject small inputs: RLFN/RFDN's ESA block applies a
    3×3 stride-2 conv without padding and then a 7×7 stride-3 max-pool, so an LR side ``n``
@@ -9,7 +10,8 @@ The graph has one input ``lr`` (N×3×H×W, float32, range [0, data_range]) and 
    from the architecture: it runs the PyTorch model on every side length from 1 up and
    records the smallest ``n`` from which every size it tried works (height and width
    separately), together with any larger size that still failed.
-2. **Export** with ``torch.onnx.export``, H and W symbolic: ``--exporter auto`` (the default)
+2. **Export** with ``torch.onnx.export``, N, H and W symbolic (traced with a batch of 2: a
+   batch of 1 would be specialised to the constant 1): ``--exporter auto`` (the default)
    tries dynamo/torch.export first and the TorchScript exporter (traced at an odd size) when
    dynamo fails to export *or its graph fails the check*; ``dynamo`` or ``torchscript`` uses
    that one only.
@@ -19,9 +21,10 @@ The graph has one input ``lr`` (N×3×H×W, float32, range [0, data_range]) and 
    LR crops of the minimal, odd and full sizes (seeded random inputs when no image is given);
    the largest absolute difference to PyTorch, relative to the output span, must stay within
    :data:`EXPORT_TOLERANCE` (against float64 where float32 itself is unstable). A graph that
-   fails at some size, or differs, is rejected naming the input and the node; when no
-   exporter passes, :class:`ExportError` (exit 2) says so, and whether a fixed-size export
-   would have worked.
+   fails at some size, or differs, is rejected naming the input and the node; so is a graph
+   that computes an image of a batch of 2 differently from the same image alone (a lost
+   dynamic batch). When no exporter passes, :class:`ExportError` (exit 2) says so, and whether
+   a fixed-size export would have worked.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from esr_deploy.export_check import (
     OUTPUT_NAME,
     CheckFailure,
     CheckInput,
+    batch_failure,
     check_graph,
     export_check_inputs,
     first_differing_value,
@@ -65,6 +69,9 @@ PROBE_LIMIT = 64
 _PROBE_OTHER_SIDE = 32
 _SEED = 20260
 _CHANNELS = 3
+#: the largest batch the exported graph declares (its batch dimension is symbolic, 1..MAX_BATCH)
+MAX_BATCH = 64
+_TRACE_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class ExportResult:
             "simplified": self.simplified,
             "input_range": self.input_range.to_dict(),
             "max_abs_error": self.max_abs_error,
+            "batch": {"min": 1, "max": MAX_BATCH},
             "nodes": self.stats.nodes,
             "convs": self.stats.convs,
             "params": self.stats.params,
@@ -226,6 +234,7 @@ def _export_dynamo(
     model: nn.Module, sample: torch.Tensor, min_hw: Sequence[int], max_hw: Sequence[int], opset: int
 ) -> Any:
     dims = {
+        0: torch.export.Dim("n", min=1, max=MAX_BATCH),
         2: torch.export.Dim("h", min=max(2, min_hw[0]), max=max(max_hw[0], 4096)),
         3: torch.export.Dim("w", min=max(2, min_hw[1]), max=max(max_hw[1], 4096)),
     }
@@ -256,7 +265,10 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, opset: int) -> o
             buf,  # type: ignore[arg-type]  # file objects are accepted at run time
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {2: "h", 3: "w"}, OUTPUT_NAME: {2: "H", 3: "W"}},
+            dynamic_axes={
+                INPUT_NAME: {0: "n", 2: "h", 3: "w"},
+                OUTPUT_NAME: {0: "n", 2: "H", 3: "W"},
+            },
             opset_version=min(opset, 17),
             dynamo=False,
         )
@@ -287,7 +299,8 @@ def _trace_sample(min_hw: Sequence[int]) -> torch.Tensor:
     """TorchScript traces one size: an odd one, so that padding to a window or patch
     multiple (``if h % 8: pad``) is recorded rather than skipped."""
     h, w = (max(min_hw[0], 64) + 3) | 1, (max(min_hw[1], 64) + 3) | 1
-    return torch.rand(1, _CHANNELS, h, w, generator=torch.Generator().manual_seed(_SEED))
+    gen = torch.Generator().manual_seed(_SEED)
+    return torch.rand(_TRACE_BATCH, _CHANNELS, h, w, generator=gen)
 
 
 @dataclass(frozen=True)
@@ -303,7 +316,8 @@ def _attempt(
 ) -> _Attempt:
     """Export with one exporter; an exporter crash is recorded, not raised."""
     sample_hw = (max(min_hw[0], 64), max(min_hw[1], 64))
-    sample = torch.rand(1, _CHANNELS, *sample_hw, generator=torch.Generator().manual_seed(_SEED))
+    gen = torch.Generator().manual_seed(_SEED)
+    sample = torch.rand(_TRACE_BATCH, _CHANNELS, *sample_hw, generator=gen)
     try:
         with warnings.catch_warnings(), _quiet_exporter():
             warnings.simplefilter("ignore")
@@ -432,6 +446,8 @@ def export_onnx(
             ),
         )
         notes.extend(check.notes)
+        if check.failure is None:
+            check = replace(check, failure=batch_failure(path, inputs, _TRACE_BATCH))
         if check.failure is None:
             break
         tried.append((attempt, check.failure))

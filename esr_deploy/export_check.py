@@ -157,6 +157,37 @@ def check_graph(
     return CheckResult(worst, None, tuple(notes))
 
 
+def batch_failure(path: Path, inputs: Sequence[CheckInput], batch: int) -> CheckFailure | None:
+    """The graph on a batch of ``batch`` different images (the first input and mirrored
+    copies of it) must give, image by image, what it gives each image alone, to float32
+    rounding (``1e-5`` of the output span): a graph traced with a fixed or mixed-up batch
+    fails this."""
+    from esr_deploy.backends.onnxruntime import cpu_session  # the CPU runtime's one home
+
+    label, x = inputs[0]
+    images = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)][:batch]
+    stacked = np.concatenate([i.numpy() for i in images])
+    session = cpu_session(path, optimize=False)
+    try:
+        together = session.run([OUTPUT_NAME], {INPUT_NAME: stacked})[0]
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return CheckFailure(f"a batch of {batch} of {label}", "runtime", text, _ort_node(text))
+    alone = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: i.numpy()})[0] for i in images])
+    if together.shape != alone.shape:
+        detail = f"the graph returns shape {tuple(together.shape)} for the batch"
+        return CheckFailure(f"a batch of {batch} of {label}", "shape", detail)
+    span = max(float(alone.max() - alone.min()), 1e-12)
+    error = float(np.max(np.abs(together - alone))) / span
+    if error > 1e-5:
+        detail = (
+            f"an image of the batch differs from the same image alone by {error:.3g} × the "
+            "output span: the export lost the dynamic batch"
+        )
+        return CheckFailure(f"a batch of {batch} of {label}", "values", detail)
+    return None
+
+
 def first_differing_value(program: Any, x: torch.Tensor, tolerance: float) -> str | None:
     """The first intermediate value of a dynamo ``ONNXProgram`` that differs from the exported
     program's by more than ``tolerance`` (relative to its own span), best effort."""

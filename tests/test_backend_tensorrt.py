@@ -83,6 +83,17 @@ def test_min_batch_and_channels_are_respected() -> None:
     assert no_min[0].min[2:] == FALLBACK_MIN_HW
 
 
+def test_dynamic_batch_gets_a_batch_profile_within_one_frames_memory() -> None:
+    shape = ShapeProfile(opt=(256, 256), max=(1080, 1920), min=(15, 15))
+    *frames, batched = optimization_profiles(shape, max_batch=8)
+    assert len(frames) == 2 and all(p.max[0] == p.min[0] == 1 for p in frames)
+    assert batched.min == (1, 3, 15, 15)
+    assert batched.opt == (4, 3, 256, 256) and batched.max == (8, 3, 256, 256)
+    assert select_profile([*frames, batched], (4, 3, 256, 256)) == 2
+    assert select_profile([*frames, batched], (1, 3, 256, 256)) == 0
+    assert 8 * 256 * 256 <= 1080 * 1920  # a full batch needs no more than one max frame
+
+
 def test_min_above_max_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="64x64"):
         optimization_profiles(ShapeProfile(opt=(32, 32), max=(32, 1920), min=(64, 64)))

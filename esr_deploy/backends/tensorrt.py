@@ -16,7 +16,10 @@ Shapes. An engine with dynamic H×W accepts only the shapes of its optimisation 
 each a box ``min ≤ shape ≤ max`` (per dimension) tuned for ``opt``. With the recipe's LR
 profile (opt, max, min), :func:`optimization_profiles` makes one profile with
 ``max = (H_max, W_max)`` and, when ``H_max ≠ W_max``, a second with ``max = (W_max, H_max)``:
-every landscape frame up to the max fits the first, every portrait frame the second. At run
+every landscape frame up to the max fits the first, every portrait frame the second; both take
+one image. A graph with a dynamic batch gets one more profile for batches: ``min`` batch 1,
+``opt`` batch :data:`OPT_BATCH` at the recipe's opt H×W, ``max`` batch :data:`MAX_BATCH` at
+that same H×W (so a batch never needs more memory than one frame at the profile's max). At run
 time :func:`select_profile` picks the first profile whose box contains the input shape.
 
 Builds are slow (tactic timing), so the timing cache is kept per GPU model, compute capability
@@ -71,6 +74,9 @@ except ImportError:
 
 ENGINE_FILE = "engine.plan"
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8")
+#: batch profile of a graph with a dynamic batch: opt and max batch (at the recipe's opt H×W)
+OPT_BATCH = 4
+MAX_BATCH = 8
 #: Lowest compute capability with fast arithmetic for each precision (float16: 5.3,
 #: int8 dot products DP4A: 6.1).
 MIN_COMPUTE_CAPABILITY: Mapping[str, tuple[int, int]] = {
@@ -166,7 +172,7 @@ def _clip(value: int, lo: int, hi: int) -> int:
 
 
 def optimization_profiles(
-    profile: ShapeProfile, batch: int = 1, channels: int = 3
+    profile: ShapeProfile, batch: int = 1, channels: int = 3, max_batch: int = 1
 ) -> list[ProfileShapes]:
     """The engine's optimisation profiles for the LR ``profile`` (see the module docstring).
 
@@ -175,7 +181,9 @@ def optimization_profiles(
     (:data:`FALLBACK_MIN_HW` when none was derived), the same in both: it is a property of
     the graph, per axis, not of the frame's orientation. ``opt`` is the recipe's opt
     (transposed for the transposed profile, so a portrait profile is tuned for the portrait
-    form of the same frame) clipped into ``[min, max]`` per axis.
+    form of the same frame) clipped into ``[min, max]`` per axis. ``max_batch`` > 1 (a graph
+    with a dynamic batch) adds the batch profile: ``(1..min(OPT_BATCH, max_batch)..max_batch,
+    C, min..opt..opt)``.
     """
     h_max, w_max = profile.max
     h_min, w_min = profile.min or FALLBACK_MIN_HW
@@ -194,6 +202,16 @@ def optimization_profiles(
                 min=(batch, channels, h_min, w_min),
                 opt=(batch, channels, _clip(opt_h, h_min, hi_h), _clip(opt_w, w_min, hi_w)),
                 max=(batch, channels, hi_h, hi_w),
+            )
+        )
+    if max_batch > 1:
+        first = profiles[0]
+        opt_hw = first.opt[2:]
+        profiles.append(
+            ProfileShapes(
+                min=(1, channels, h_min, w_min),
+                opt=(min(OPT_BATCH, max_batch), channels, *opt_hw),
+                max=(max_batch, channels, *opt_hw),
             )
         )
     return profiles
@@ -813,7 +831,9 @@ class TensorRT(Backend):
         if any(d < 0 for d in in_shape[2:]):
             batch = in_shape[0] if in_shape[0] > 0 else 1
             channels = in_shape[1] if in_shape[1] > 0 else 3
-            profiles = optimization_profiles(profile or ShapeProfile(), batch, channels)
+            max_batch = MAX_BATCH if in_shape[0] < 0 else 1
+            shape = profile or ShapeProfile()
+            profiles = optimization_profiles(shape, batch, channels, max_batch)
             for shapes in profiles:
                 p = builder.create_optimization_profile()
                 p.set_shape(

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -323,24 +323,61 @@ class Upscaler:
 
     def upscale(
         self,
-        image: np.ndarray | SourceImage,
+        image: np.ndarray | SourceImage | Sequence[np.ndarray | SourceImage],
         tile: int | None = None,
         overlap: int | None = None,
         max_memory: int | None = None,
         on_tile: Callable[[], None] | None = None,
     ) -> Any:
-        """Upscale an image array (or a :class:`~esr_deploy.data.SourceImage`).
+        """Upscale an image array (or a :class:`~esr_deploy.data.SourceImage`), or a list of
+        same-size images as one batch (one engine call when the batch fits the engine's
+        batch range and the memory budget untiled, else image by image).
 
-        Returns the same kind: an array of the input's layout and dtype, or a SourceImage.
+        Returns the same kind: an array of the input's layout and dtype, or a SourceImage (a
+        list of them for a list).
         """
+        if isinstance(image, list | tuple):
+            return self._upscale_batch(list(image), tile, overlap, max_memory)
+        image = cast(np.ndarray | SourceImage, image)
         source = image if isinstance(image, SourceImage) else _as_source(image)
         h, w = source.rgb.shape[:2]
         result = self._upscale_source(source, self.plan(h, w, tile, overlap, max_memory), on_tile)
         return result if isinstance(image, SourceImage) else _as_array(result, image)
 
-    def _upscale_source(
-        self, source: SourceImage, plan: TilePlan, on_tile: Callable[[], None] | None
-    ) -> SourceImage:
+    def _upscale_batch(
+        self, images: list[Any], tile: int | None, overlap: int | None, max_memory: int | None
+    ) -> list[Any]:
+        """Same-size images as one engine call (batch N) when the batch fits the engine's
+        batch range and memory untiled; else one by one (same results, per image)."""
+        sources = [i if isinstance(i, SourceImage) else _as_source(i) for i in images]
+        sizes = {s.rgb.shape[:2] for s in sources} | {s.rgb.dtype.str for s in sources}
+        if len(sizes) > 2:
+            raise DataError(
+                f"cannot upscale a list of images of different sizes or dtypes ({sizes}) as "
+                "one batch — give images of one size and dtype, or call upscale per image"
+            )
+        n = len(sources)
+        h, w = sources[0].rgb.shape[:2] if sources else (0, 0)
+        budget = (max_memory if max_memory is not None else self.max_memory) // max(n, 1)
+        plan = self.plan(h, w, tile, overlap, budget) if sources else None
+        if plan is None or plan.tiled or n > self.max_batch:
+            results = [self._upscale_source(s, self.plan(h, w, tile, overlap, max_memory))
+                       for s in sources]  # fmt: skip
+        else:
+            lrs, fmt = zip(*(self._lr(s) for s in sources), strict=True)
+            sr = self.run(np.concatenate(lrs), plan)
+            results = [self._finish(s, fmt[i], sr[i]) for i, s in enumerate(sources)]
+        return [r if isinstance(i, SourceImage) else _as_array(r, i)
+                for r, i in zip(results, images, strict=True)]  # fmt: skip
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch one engine call takes: the manifest's export.batch.max (1 for a
+        bundle compiled before batches)."""
+        batch = self.bundle.manifest["export"].get("batch")
+        return int(batch.get("max", 1)) if isinstance(batch, dict) else 1
+
+    def _lr(self, source: SourceImage) -> tuple[np.ndarray, PixelFormat]:
         if source.rgb.dtype.kind == "f" and not np.isfinite(source.rgb).all():
             bad = int(np.count_nonzero(~np.isfinite(source.rgb)))
             raise DataError(
@@ -352,8 +389,16 @@ class Upscaler:
         lr = source.rgb.transpose(2, 0, 1)[None].astype(np.float32)
         if fmt.peak != self.data_range:
             lr *= np.float32(self.data_range / fmt.peak)
-        sr = self.run(lr, plan, on_tile)
-        rgb = np.ascontiguousarray(fmt.to_pixels(sr[0], self.data_range).transpose(1, 2, 0))
+        return lr, fmt
+
+    def _upscale_source(
+        self, source: SourceImage, plan: TilePlan, on_tile: Callable[[], None] | None = None
+    ) -> SourceImage:
+        lr, fmt = self._lr(source)
+        return self._finish(source, fmt, self.run(lr, plan, on_tile)[0])
+
+    def _finish(self, source: SourceImage, fmt: PixelFormat, sr: np.ndarray) -> SourceImage:
+        rgb = np.ascontiguousarray(fmt.to_pixels(sr, self.data_range).transpose(1, 2, 0))
         alpha = None
         if source.alpha is not None:
             a = imresize(source.alpha, float(self.scale))  # uint8 in, uint8 out

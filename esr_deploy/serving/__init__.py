@@ -1,1 +1,2 @@
-"""Hand-off and scale-out: running bundles under other serving systems (Ray, Triton)."""
+"""Hand-off and scale-out: Triton model repository export, the inference service (Open
+Inference Protocol v2 on Ray Serve), batch jobs and build matrices on Ray."""

@@ -422,3 +422,40 @@ def test_rlfn_tiled_matches_untiled_on_a_real_image(
     record_property("psnr_exact_tiles", round(exact, 2))
     record_property("psnr_tiles_as_is", round(approximate, 2))
     assert exact >= 100.0 > 60.0 > approximate, (exact, approximate)
+
+
+def test_a_list_of_different_sizes_is_refused_as_a_batch(tiny: Upscaler) -> None:
+    a, b = np.zeros((20, 20, 3), np.uint8), np.zeros((20, 21, 3), np.uint8)
+    with pytest.raises(DataError, match="different sizes"):
+        tiny.upscale([a, b])
+    assert tiny.upscale([]) == []
+
+
+@pytest.mark.slow  # uses the compiled RLFN bundle
+def test_rlfn_list_of_images_is_one_batch_and_equals_single_runs(
+    rlfn: Upscaler, sr_data_dir: Path
+) -> None:
+    """Four different Set5 crops, 40×40: one engine call of batch 4 (counted on the real
+    session), each output equal to that image upscaled alone."""
+    crops = []
+    for name in ("baby", "bird", "butterfly", "head"):
+        img = read_image(sr_data_dir / "Set5" / "LR_bicubic" / "X4" / f"{name}x4.png")
+        crops.append(np.ascontiguousarray(img[:40, :40]))
+    singles = [rlfn.upscale(c) for c in crops]
+    calls: list[tuple[int, ...]] = []
+    real_run = rlfn.session.run
+
+    def counting(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        return real_run(x)
+
+    rlfn.session.run = counting  # type: ignore[method-assign]
+    try:
+        batch = rlfn.upscale(crops)
+    finally:
+        rlfn.session.run = real_run  # type: ignore[method-assign]
+    assert calls == [(4, 3, 40, 40)]
+    for single, got in zip(singles, batch, strict=True):
+        assert got.shape == (160, 160, 3) and got.dtype == np.uint8
+        assert np.abs(got.astype(int) - single.astype(int)).max() <= 1
+    assert np.abs(batch[0].astype(int) - batch[1].astype(int)).max() > 10

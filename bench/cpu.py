@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -36,13 +37,13 @@ from esr_deploy.bundle import load_bundle
 from esr_deploy.checkpoint import load_checkpoint, load_weights
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, load_sets, run_passes
 from esr_deploy.export import derive_input_range
-from esr_deploy.recipe import find_recipe
+from esr_deploy.recipe import Recipe, find_recipe
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.latency import measure_interleaved
 from esr_deploy.validate.parity import evaluate_set
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("ESR_SHARED", REPO.parent / "shared"))
 CHECKPOINTS = {"rlfn_x4": "rlfn_x4.pth", "imdn_x4": "imdn_x4.pth", "fmen_x4": "fmen_ntire2022.pth"}
 SHAPES = ((256, 256), (720, 1280))
 
@@ -63,9 +64,9 @@ def _fp32(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def bench_model(
-    name: str, runs: int, large_runs: int, compiled: bool, targets: tuple[str, ...]
-) -> list[dict]:
+def load_models(name: str) -> tuple[Path, Recipe, torch.nn.Module, torch.nn.Module]:
+    """The official checkpoint of zoo model ``name``, its recipe, the training form and the
+    deploy form after the default passes (verified on Set5)."""
     weights = SHARED / "weights" / CHECKPOINTS[name]
     recipe = find_recipe(name)
     model = recipe.build_model()
@@ -75,6 +76,14 @@ def bench_model(
     deploy, _ = run_passes(
         model, recipe, derive_input_range(model, recipe.scale), set5, None, False
     )
+    return weights, recipe, model, deploy
+
+
+def bench_model(
+    name: str, runs: int, large_runs: int, compiled: bool, targets: tuple[str, ...]
+) -> list[dict]:
+    weights, recipe, model, deploy = load_models(name)
+    set5 = load_sets([SHARED / "data" / "sr" / "Set5"], recipe.scale)
     # Module.to(memory_format=...) converts the parameters in place: copy first, so that the
     # fp32 rows keep the contiguous weights they would have
     deploy_cl = copy.deepcopy(deploy).to(memory_format=torch.channels_last)

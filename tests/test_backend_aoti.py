@@ -16,6 +16,7 @@ overflowing layer in float32 where a blind ``.half()`` gives inf, and another GP
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -272,44 +273,54 @@ def test_cpu_bf16_compiles_where_native_and_is_refused_elsewhere(
 # ------------------------------------------------------------------------------- GPU
 
 
-def _require_cuda(precision: str) -> None:
-    status = AOTInductor("cuda").availability(precision)
-    if not status.ok:
-        pytest.skip(status.reason)
+@pytest.fixture(scope="module")
+def cuda_bundles(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One aoti-cuda-fp32 and one aoti-cuda-fp16 bundle of the tiny model (skips without
+    a usable GPU); each compile is validated by compile_model itself."""
+    folder = tmp_path_factory.mktemp("aoti-cuda")
+    bundles = {}
+    for precision in ("fp32", "fp16"):
+        status = AOTInductor("cuda").availability(precision)
+        if not status.ok:
+            pytest.skip(status.reason)
+        bundles[precision] = _compile(
+            tiny_ckpt, f"aoti-cuda-{precision}", folder / precision
+        ).bundle
+    return bundles
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("precision", "floor"), [("fp32", 90.0), ("fp16", 45.0)])
 def test_cuda_bundle_matches_the_reference(
-    tiny_ckpt: Path, tmp_path: Path, precision: str, floor: float
+    cuda_bundles: dict[str, Path], precision: str, floor: float
 ) -> None:
-    _require_cuda(precision)
-    m = _compile(tiny_ckpt, f"aoti-cuda-{precision}", tmp_path / precision).manifest
+    bundle = load_bundle(cuda_bundles[precision])
+    m = bundle.manifest
     device = m["engine"]["device"]
     assert device["name"] == torch.cuda.get_device_name()
     assert device["compute_capability"] and device["cuda"] == torch.version.cuda
     assert device["driver"] and device["torch"] == torch.__version__
     for result in m["validation"].values():
         assert result["passed"] and result["parity_min_psnr"] >= floor
-    bundle = load_bundle(tmp_path / precision)
+    if precision == "fp16":
+        assert m["precision_onnx"]["low_precision"]["dtype"] == "float16"
     session = AOTInductor("cuda").load(bundle.engine_path, m["engine"]["settings"])
     model = _tiny()
-    for n, h, w in ((1, 37, 53), (2, 64, 48), (1, 90, 30)):
+    for n, h, w in ((1, 37, 53), (2, 64, 48), (1, 90, 30), (1, 1, 1)):
         x = _lr(h, w, n)
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
-        assert _psnr(session.run(x), ref) >= floor
+        got = session.run(x)
+        assert got.shape == ref.shape and _psnr(got, ref) >= floor
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_plain_runs(tiny_ckpt: Path, tmp_path: Path) -> None:
-    _require_cuda("fp16")
-    m = _compile(tiny_ckpt, "aoti-cuda-fp16", tmp_path / "b").manifest
-    path = load_bundle(tmp_path / "b").engine_path
-    settings = m["engine"]["settings"]
+def test_cuda_graph_replay_equals_plain_runs(cuda_bundles: dict[str, Path]) -> None:
+    bundle = load_bundle(cuda_bundles["fp16"])
+    settings = bundle.manifest["engine"]["settings"]
     assert settings["cuda_graph"] is True
-    graphed = AOTInductor("cuda").load(path, settings)
-    plain = AOTInductor("cuda").load(path, {**settings, "cuda_graph": False})
+    graphed = AOTInductor("cuda").load(bundle.engine_path, settings)
+    plain = AOTInductor("cuda").load(bundle.engine_path, {**settings, "cuda_graph": False})
     for h, w in ((64, 64), (64, 64), (64, 64), (40, 56), (40, 56)):
         x = _lr(h, w, seed=h + w)
         np.testing.assert_array_equal(graphed.run(x), plain.run(x))
@@ -324,32 +335,34 @@ def test_cuda_fp16_keeps_the_overflowing_layer_in_float32(tmp_path: Path) -> Non
     built = AOTInductor("cuda").build_model(
         model, tmp_path, "fp16", ShapeProfile(opt=(32, 32), max=(128, 128), min=(4, 4)), calib, []
     )
-    kept = built.precision_info["low_precision"]["kept_float32"]  # type: ignore[index]
+    assert built.precision_info is not None
+    kept = built.precision_info["low_precision"]["kept_float32"]
     assert any("reaches |x|" in k["reason"] for k in kept)
     session = AOTInductor("cuda").load(tmp_path / ENGINE_FILE, built.engine.settings)
     x = _lr(48, 40) * 255
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-        blind = model.cuda().half()(torch.from_numpy(x).cuda().half()).float().cpu().numpy()
+        blind = copy.deepcopy(model).cuda().half()(torch.from_numpy(x).cuda().half())
     got = session.run(x)
-    assert not np.isfinite(blind).all() and np.isfinite(got).all()
+    assert not torch.isfinite(blind).all() and np.isfinite(got).all()
     assert _psnr(got / 255, ref / 255) >= 45
 
 
+def _require_cuda(precision: str) -> None:
+    status = AOTInductor("cuda").availability(precision)
+    if not status.ok:
+        pytest.skip(status.reason)
+
+
 @pytest.mark.gpu
-def test_a_cuda_bundle_for_another_gpu_is_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
-    _require_cuda("fp32")
-    m = _compile(tiny_ckpt, "aoti-cuda-fp32", tmp_path / "b").manifest
+def test_a_cuda_bundle_for_another_gpu_is_refused(cuda_bundles: dict[str, Path]) -> None:
+    m = load_bundle(cuda_bundles["fp32"]).manifest
     backend = AOTInductor("cuda")
-    backend.check_engine(m)
-    other = replace_device(m, name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    backend.check_engine(m)  # this GPU, this torch: accepted
+    engine = {**m["engine"]}
+    engine["device"] = {**engine["device"], "name": "NVIDIA A100-SXM4-80GB"}
+    engine["device"]["compute_capability"] = "8.0"
     with pytest.raises(BundleError) as err:
-        backend.check_engine(other)
-    assert "NVIDIA A100-SXM4-80GB" in str(err.value)
+        backend.check_engine({**m, "engine": engine})
+    assert "NVIDIA A100-SXM4-80GB (compute capability 8.0)" in str(err.value)
     assert torch.cuda.get_device_name() in str(err.value)
-
-
-def replace_device(manifest: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    engine = dict(manifest["engine"])
-    engine["device"] = {**engine["device"], **changes}
-    return {**manifest, "engine": engine}

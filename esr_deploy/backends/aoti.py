@@ -33,6 +33,7 @@ native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16``): elsewhere it is emulat
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import logging
 import os
@@ -351,12 +352,13 @@ class AOTInductor(ModelBackend):
         if precision in LOW_DTYPES:
             assert calibration is not None, "reduced precision needs calibration images"
             mixed, info = self._reduce(
-                program.module(), precision, calibration, check_inputs, max_side
+                program.module(), precision, calibration, check_inputs, min_hw, max_side
             )
             program, min_hw = export_dynamic(mixed, min_hw, max_side, device)
+        inductor = importlib.import_module("torch._inductor")
         start = time.perf_counter()
         try:
-            torch._inductor.aoti_compile_and_package(
+            inductor.aoti_compile_and_package(
                 program,
                 package_path=str(bundle_dir / ENGINE_FILE),
                 inductor_configs=dict(INDUCTOR_CONFIGS),
@@ -389,6 +391,7 @@ class AOTInductor(ModelBackend):
         precision: str,
         calibration: CalibrationSet,
         check_inputs: Sequence[np.ndarray],
+        min_hw: HW,
         max_side: int,
     ) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
         """The mixed-precision graph and its report (the manifest's precision section)."""
@@ -406,7 +409,11 @@ class AOTInductor(ModelBackend):
         ]
         plan = plan_precision(graph, measure_ranges(graph, as_tensors), dtype)
         mixed, casts = apply_precision(graph, plan)
-        usable = [x for x in check_inputs if max(x.shape[2:]) <= max_side]
+        usable = [  # inputs the package accepts (the graph's guards refuse the others)
+            x
+            for x in check_inputs
+            if min_hw[0] <= x.shape[2] <= max_side and min_hw[1] <= x.shape[3] <= max_side
+        ]
         worst, where = low_precision_range(
             graph, plan, [torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in usable]
         )
@@ -436,8 +443,9 @@ class AOTInductor(ModelBackend):
                 f"The AOTInductor package {engine_path} was compiled for {kind}; this backend "
                 f"runs {self.kind} packages — use the target the manifest names."
             )
+        inductor = importlib.import_module("torch._inductor")
         try:
-            runner = torch._inductor.aoti_load_package(str(engine_path))
+            runner = inductor.aoti_load_package(str(engine_path))
         except Exception as exc:  # the loader raises untyped errors
             raise BundleError(
                 f"Cannot load the AOTInductor package {engine_path}: {str(exc).strip()[:400]} "

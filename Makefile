@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench cpu-bench precision upscale-bench zoo reparam prune lint clean
+.PHONY: install demo test test-gpu gpu-check bench cpu-bench precision upscale-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: install
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# on a machine with PyTorch+CUDA and no package index (bench/gpu_prepare.sh first, elsewhere):
+# the AOTInductor GPU tests and bench/gpu.py with the system python3
+gpu-check:
+	bash bench/gpu.sh
 
 bench: install
 	$(BIN)/python bench/cpu.py

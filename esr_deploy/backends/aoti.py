@@ -404,19 +404,24 @@ class AOTInductor(ModelBackend):
 
         device = torch.device(self.kind)
         dtype = LOW_DTYPES[precision]
-        as_tensors = [
-            torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in calibration.inputs
-        ]
-        plan = plan_precision(graph, measure_ranges(graph, as_tensors), dtype)
+
+        def accepted(xs: Sequence[np.ndarray]) -> list[torch.Tensor]:
+            """The inputs the graph accepts (its guards refuse the others), on the device."""
+            return [
+                torch.from_numpy(np.ascontiguousarray(x)).to(device)
+                for x in xs
+                if min_hw[0] <= x.shape[2] <= max_side and min_hw[1] <= x.shape[3] <= max_side
+            ]
+
+        calib = accepted(calibration.inputs)
+        if not calib:
+            raise DataError(
+                f"No calibration image fits the compiled input range ({min_hw[0]}×{min_hw[1]} "
+                f"to {max_side}×{max_side}) — calibrate on larger LR images (--calib DIR)."
+            )
+        plan = plan_precision(graph, measure_ranges(graph, calib), dtype)
         mixed, casts = apply_precision(graph, plan)
-        usable = [  # inputs the package accepts (the graph's guards refuse the others)
-            x
-            for x in check_inputs
-            if min_hw[0] <= x.shape[2] <= max_side and min_hw[1] <= x.shape[3] <= max_side
-        ]
-        worst, where = low_precision_range(
-            graph, plan, [torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in usable]
-        )
+        worst, where = low_precision_range(graph, plan, accepted(check_inputs))
         info = {
             "precision": precision,
             "graph": "torch.export ATen graph compiled by AOTInductor (no ONNX)",

@@ -33,6 +33,7 @@ from esr_deploy.backends.aoti import (
     AOTInductor,
     check_aoti_engine,
     export_dynamic,
+    export_program,
     native_bf16,
 )
 from esr_deploy.backends.onnxruntime import cpu_info
@@ -47,6 +48,7 @@ from esr_deploy.compiler import (
 )
 from esr_deploy.errors import BundleError, DataError, TargetUnavailable
 from esr_deploy.precision.calibration import CalibrationSet
+from esr_deploy.precision.torch_graph import apply_precision, measure_ranges, plan_precision
 from esr_deploy.recipe import ShapeProfile, find_recipe
 from esr_deploy.targets import availability, get_target
 
@@ -57,6 +59,7 @@ from tests.user_models.loud_sr import LoudSR  # noqa: E402
 from tests.user_models.tiny_sr import TinyGatedSR  # noqa: E402
 
 USER_ARCH = "tests.user_models.tiny_sr:TinyGatedSR"
+BF16 = torch.bfloat16
 
 
 def _tiny() -> nn.Module:
@@ -173,7 +176,18 @@ def test_export_finds_the_smallest_input_it_accepts(weights_dir: Path) -> None:
     assert min_hw == (21, 21)
     x = torch.rand(1, 3, 21, 23) * 255
     with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=1e-3)
+        ref = model(x)
+        torch.testing.assert_close(program.module()(x), ref, rtol=0, atol=1e-3)
+    # its bf16 form re-exports over the same range (export cannot prove a guard of bf16
+    # bilinear resizing on its own; the float32 program's range holds, casts change no shape)
+    graph = program.module()
+    plan = plan_precision(graph, measure_ranges(graph, [torch.rand(1, 3, 32, 32) * 255]), BF16)
+    mixed = export_program(
+        apply_precision(graph, plan)[0], min_hw, 96, torch.device("cpu"), proven=True
+    )
+    with torch.no_grad():
+        got = mixed.module()(x)
+    assert got.dtype == torch.float32 and 0 < float((got - ref).abs().max()) < 0.1 * 255
 
 
 # ------------------------------------------------------------------ a real CPU package

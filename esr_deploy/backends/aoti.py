@@ -131,16 +131,23 @@ class _ChannelsLast(nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
-def _export(module: nn.Module, lo: HW, max_side: int, device: torch.device) -> ExportedProgram:
+def export_program(
+    module: nn.Module, lo: HW, max_side: int, device: torch.device, proven: bool = False
+) -> ExportedProgram:
+    """``proven``: the range was already accepted for the same shapes (the float32 program of
+    a mixed-precision graph): export keeps guards it cannot prove as runtime checks instead
+    of refusing them (``Dim.DYNAMIC``)."""
     from torch.export import Dim
 
     h, w = max(lo[0], 64), max(lo[1], 64)
     sample = torch.rand(2, 3, min(h, max_side), min(w, max_side), device=device)
-    dims = {
-        0: Dim("batch", min=1, max=MAX_BATCH),
-        2: Dim("h", min=lo[0], max=max_side),
-        3: Dim("w", min=lo[1], max=max_side),
-    }
+    dims: dict[int, Any] = {0: Dim("batch", min=1, max=MAX_BATCH)}
+    if proven:
+        dims[2] = Dim.DYNAMIC(min=lo[0], max=max_side)
+        dims[3] = Dim.DYNAMIC(min=lo[1], max=max_side)
+    else:
+        dims[2] = Dim("h", min=lo[0], max=max_side)
+        dims[3] = Dim("w", min=lo[1], max=max_side)
     with torch.no_grad():
         return torch.export.export(module, (sample,), dynamic_shapes=(dims,))
 
@@ -153,7 +160,7 @@ def export_dynamic(
 
     def attempt(k: int) -> ExportedProgram | Exception:
         try:
-            return _export(module, (min_hw[0] + k, min_hw[1] + k), max_side, device)
+            return export_program(module, (min_hw[0] + k, min_hw[1] + k), max_side, device)
         except Exception as exc:  # torch.export raises many untyped errors
             return exc
 
@@ -354,7 +361,9 @@ class AOTInductor(ModelBackend):
             mixed, info = self._reduce(
                 program.module(), precision, calibration, check_inputs, min_hw, max_side
             )
-            program, min_hw = export_dynamic(mixed, min_hw, max_side, device)
+            # casts change no shape: the float32 program's range holds for the mixed one
+            # (where export cannot prove a guard on its own, e.g. bf16 bilinear resizing)
+            program = export_program(mixed, min_hw, max_side, device, proven=True)
         inductor = importlib.import_module("torch._inductor")
         start = time.perf_counter()
         try:

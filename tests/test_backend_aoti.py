@@ -166,6 +166,7 @@ def test_a_cpu_package_needs_the_cpu_flags_it_was_compiled_for() -> None:
 # ------------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 def test_export_finds_the_smallest_input_it_accepts(weights_dir: Path) -> None:
     """RLFN runs from 15×15 LR, but its ESA pools to 1×1 up to 20×20, a size torch.export
     specialises: the package is compiled from 21×21 on and says so."""

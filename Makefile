@@ -8,9 +8,13 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 # type stubs of the TensorRT 10.13 Python API, without tensorrt itself (needs NVIDIA's index)
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
+# spandrel (architecture detection from a state dict) declares torchvision, which only two of
+# its non-SR architectures use and which would pull a torch build of its own: installed
+# without its dependencies; the others (einops, safetensors, ...) are in pyproject.toml
+SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu gpu-check bench cpu-bench precision upscale-bench zoo reparam prune lint clean
+.PHONY: install demo test test-fast test-gpu gpu-check bench cpu-bench precision upscale-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(TRT_STUBS)
+	$(BIN)/python -m pip install -q --no-deps $(SPANDREL)
 	touch $@
 
 demo: install
@@ -27,6 +32,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# day-to-day lane: everything but the slow end-to-end compiles and the GPU tests
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from esr_deploy.auto import AUTO_CANDIDATES, AUTO_MAX_PSNR_DROP
-from esr_deploy.bundle import load_bundle
 from esr_deploy.checkpoint import load_checkpoint, load_weights
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, load_sets, run_passes
 from esr_deploy.export import derive_input_range
 from esr_deploy.recipe import Recipe, find_recipe
+from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.latency import measure_interleaved
 from esr_deploy.validate.parity import evaluate_set
@@ -127,7 +127,7 @@ def bench_model(
             v = result.manifest["validation"]["Set5"]
             rows.append({"variant": target, "set5_psnr_y": v["engine_psnr_y"],
                          "set5_drop": v["psnr_drop"], "passed": v["passed"]})  # fmt: skip
-            bundle = load_bundle(result.bundle)
+            bundle = open_bundle(result.bundle)
             _, backend = require_available(target)
             session = backend.load(bundle.engine_path, bundle.manifest["engine"]["settings"])
             runners[target] = session.run

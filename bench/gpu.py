@@ -34,8 +34,8 @@ import torch
 from cpu import CHECKPOINTS, SHARED, load_models
 
 from esr_deploy.backends.aoti import AOTInductor
-from esr_deploy.bundle import load_bundle
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.runtime.bundle_reader import open_bundle
 
 SHAPES = ((256, 256), (720, 1280))
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -81,7 +81,7 @@ def _aoti(name: str, target: str, out: Path) -> tuple[dict[str, Any], Fn, Fn]:
         source=source, target=target, val_dirs=sets, out=out / target, latency_shapes=()
     )
     result = compile_model(options)
-    bundle = load_bundle(result.bundle)
+    bundle = open_bundle(result.bundle)
     settings = bundle.manifest["engine"]["settings"]
     graphed = AOTInductor("cuda").load(bundle.engine_path, settings)
     plain = AOTInductor("cuda").load(bundle.engine_path, {**settings, "cuda_graph": False})

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from esr_deploy import cpu
+from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU
 from esr_deploy.bundle import REFERENCE_ONNX
 from esr_deploy.compiler import CompileOptions, CompileResult, ModelSource, compile_model
 from esr_deploy.precision.apply import PrecisionOptions
@@ -79,6 +81,8 @@ def bench_model(name: str, hw: tuple[int, int], runs: int, method: str) -> dict:
         "int8_parity_min": {s: v["parity_min_psnr"] for s, v in int8["validation"].items()},
         "int8_kept_float": [k["node"] for k in search.get("kept_float", [])],
         "int8_candidates": search.get("candidates"),
+        "int8_weight_range": int8["precision_onnx"]["int8"]["weight_range"],
+        "int8_kernels": int8["precision_onnx"].get("int8_kernels"),
         "ort_fp32_ms": t32.median_ms,
         "ort_int8_ms": t8.median_ms,
         "ratio_fp32_over_int8": t32.median_ms / t8.median_ms,
@@ -94,9 +98,12 @@ def main() -> int:
     parser.add_argument("--method", default="mse")
     args = parser.parse_args()
     h, w = (int(v) for v in args.shape.split("x"))
+    print(f"CPU: {cpu.describe()}")
+    print(f"ONNX Runtime int8 kernels here: {OnnxRuntimeCPU().int8_kernels().reason}", flush=True)
     print(
         f"{'model':<9} {'fp16 drop S5/S14 dB':>20} {'int8 drop S5/S14 dB':>20} "
-        f"{'kept float':>11} {'ort-fp32 ms':>12} {'ort-int8 ms':>12} {'fp32/int8':>10}"
+        f"{'kept float':>11} {'weights':>8} {'ort-fp32 ms':>12} {'ort-int8 ms':>12} "
+        f"{'fp32/int8':>10}"
     )
     rows = []
     for name in args.models:
@@ -109,7 +116,8 @@ def main() -> int:
         i8 = "/".join(f"{v:.4f}" for v in row["int8_drop"].values())
         kept = f"{len(row['int8_kept_float'])}/{row['int8_candidates']}"
         print(
-            f"{name:<9} {f16:>20} {i8:>20} {kept:>11} {row['ort_fp32_ms']:>12.1f} "
+            f"{name:<9} {f16:>20} {i8:>20} {kept:>11} "
+            f"{'±' + str(row['int8_weight_range'][1]):>8} {row['ort_fp32_ms']:>12.1f} "
             f"{row['ort_int8_ms']:>12.1f} {row['ratio_fp32_over_int8']:>9.2f}x",
             flush=True,
         )

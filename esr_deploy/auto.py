@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esr_deploy.bundle import REPORT, StagedBundle, check_writable, load_bundle
+from esr_deploy.bundle import MANIFEST, REPORT, StagedBundle, check_writable
 from esr_deploy.errors import EsrDeployError, ValidationError
 from esr_deploy.progress import NullProgress, Progress
+from esr_deploy.runtime.bundle_reader import DIGEST_FILE, open_bundle
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.figures import targets_figure
 from esr_deploy.validate.latency import measure_interleaved
@@ -110,7 +111,7 @@ def compile_auto(
         names = list(passed)
         sessions = []
         for name in names:
-            bundle = load_bundle(passed[name].bundle)
+            bundle = open_bundle(passed[name].bundle)
             _, backend = require_available(name)
             settings = bundle.manifest["engine"]["settings"]
             sessions.append(backend.load(bundle.engine_path, settings))
@@ -163,7 +164,7 @@ def compile_auto(
         destination = options.out or options.engines_dir / f"{manifest['name']}-{AUTO}"
         with StagedBundle(destination) as staged:
             for item in chosen.bundle.iterdir():
-                if item.name != "manifest.json":
+                if item.name not in (MANIFEST, DIGEST_FILE):
                     shutil.copy2(item, staged.dir / item.name)
             figure = targets_figure(
                 staged.dir,
@@ -178,4 +179,5 @@ def compile_auto(
             full = staged.write_manifest(manifest)
             path = staged.commit()
     log.info("auto chose %s: %s", best, reason)
-    return CompileResult(bundle=path, manifest=full, notes=(f"auto chose {best}: {reason}",))
+    notes = (f"auto chose {best}: {reason}",)
+    return CompileResult(bundle=path, manifest=full, notes=notes, digest=staged.digest or "")

@@ -1,47 +1,75 @@
-"""Engine bundles: the folder a serving team receives, written atomically, loaded with checks.
+"""Engine bundles, the writing side: staged beside the destination, committed atomically.
 
 A bundle is built in a hidden staging folder beside its destination (same file system) and
 renamed into place only by :meth:`StagedBundle.commit`, which the compiler calls after
 validation passed. Leaving the ``with`` block without committing (an error, a failed check,
 Ctrl-C) deletes the staging folder: no half-written or unvalidated bundle is ever where a
-serving team looks. An existing bundle at the destination is replaced only at commit time.
+serving team looks. An existing folder at the destination is replaced only at commit time,
+and only when it is an esr-deploy bundle (:func:`check_writable`).
+
+A process killed outright (SIGKILL, power loss) cannot clean up: its staging folder
+``.<name>.partial-*`` holds a marker file with the owning host and process id, and the next
+compile that writes beside it removes every such folder whose owner is no longer running.
+A folder without a readable marker is never removed.
 
 ``manifest.json`` is the contract (schema in ``../shared/design.md``); its ``files`` map holds
-the SHA-256 of every other file. :func:`load_bundle` verifies the checksums, the backend
-version and the device the engine was built for, and refuses a mismatch saying what was
-expected and what was found.
+the SHA-256 of every other file, and ``manifest.sha256`` the bundle's digest. Reading a bundle
+is :mod:`esr_deploy.runtime.bundle_reader`'s job, and only its.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from esr_deploy.errors import BundleError, OutputError
+from esr_deploy.errors import EsrDeployError, OutputError
+from esr_deploy.runtime.bundle_reader import (
+    DIGEST_FILE,
+    MANIFEST,
+    REFERENCE_ONNX,
+    SCHEMA_VERSION,
+    check_contents,
+    manifest_digest,
+    read_manifest,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = [
+    "MANIFEST",
+    "REFERENCE_ONNX",
+    "REPORT",
+    "SCHEMA_VERSION",
+    "StagedBundle",
+    "check_writable",
+    "sha256_file",
+]
+
 REPORT = "report.md"
-REFERENCE_ONNX = "model.fp32.onnx"
+#: marker in a staging folder: {"host": ..., "pid": ...} of the compile that owns it
+STAGING_MARKER = ".esr-deploy-staging"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _is_bundle(folder: Path) -> str | None:
+    """None when ``folder`` is an esr-deploy bundle (its manifest parses, has our schema
+    version and a ``files`` map, and the folder holds nothing the manifest does not list),
+    else why not."""
+    try:
+        manifest = read_manifest(folder, required=(("files", dict),))
+        check_contents(folder.resolve(), manifest["files"])
+    except EsrDeployError as exc:
+        return str(exc).split(" — ")[0]  # what was seen, without the reader's advice
+    return None
 
 
 def check_writable(destination: Path) -> None:
@@ -49,21 +77,22 @@ def check_writable(destination: Path) -> None:
 
     Creates nothing: the nearest existing ancestor of the destination must be a writable
     folder (the missing ones are created when the bundle is staged), and an existing
-    destination must be an engine bundle (a folder with a ``manifest.json``) or an empty
-    folder, since committing replaces it.
+    destination must be an empty folder or an esr-deploy bundle (:func:`_is_bundle`), since
+    committing replaces it. Anything else is left exactly as it is.
     """
     destination = Path(os.path.abspath(destination))
     if destination.exists() or destination.is_symlink():
-        if not destination.is_dir():
+        if destination.is_symlink() or not destination.is_dir():
             raise OutputError(
                 f"The output path {destination} exists and is not a folder — remove it or "
                 "choose another with --out."
             )
-        if any(destination.iterdir()) and not (destination / MANIFEST).is_file():
+        why = _is_bundle(destination) if any(destination.iterdir()) else None
+        if why is not None:
             raise OutputError(
                 f"The output folder {destination} already exists, is not empty and is not an "
-                f"engine bundle (no {MANIFEST}); a compile replaces its output folder "
-                "entirely — choose a new or empty folder with --out."
+                f"esr-deploy bundle ({why.rstrip('.')}); a compile replaces its output folder "
+                "entirely, so it was left untouched — choose a new or empty folder with --out."
             )
     ancestor = destination.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -80,6 +109,54 @@ def check_writable(destination: Path) -> None:
         )
 
 
+def _owner_gone(staging: Path) -> bool:
+    """Whether ``staging`` carries our marker and its owning process is gone (this host)."""
+    try:
+        owner = json.loads((staging / STAGING_MARKER).read_text(encoding="utf-8"))
+        host, pid = owner["host"], int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_staging(destination: Path) -> list[Path]:
+    """Remove the staging folders of killed compiles beside ``destination``; returns them."""
+    removed = []
+    for staging in destination.parent.glob(f".{destination.name}.partial-*"):
+        if staging.is_dir() and not staging.is_symlink() and _owner_gone(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+            log.info("removed %s, left by a compile that was killed", staging)
+    return removed
+
+
+def _out_of_space(exc: BaseException | None, folder: Path) -> bool:
+    """Whether a failure came from a full disk: an ENOSPC anywhere in the exception's chain
+    (ONNX Runtime words it as a serialization error), or less than 1 MiB left."""
+    if not isinstance(exc, Exception):
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, EsrDeployError):  # a check that failed, not a write
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 class StagedBundle:
     """Context manager that owns a staging folder until :meth:`commit` moves it into place."""
 
@@ -90,6 +167,8 @@ class StagedBundle:
         #: Folders above the destination that staging created (deepest first), removed
         #: again when the bundle is not committed.
         self._created: list[Path] = []
+        #: the bundle's digest, once :meth:`write_manifest` wrote the manifest
+        self.digest: str | None = None
 
     def __enter__(self) -> StagedBundle:
         check_writable(self.destination)
@@ -99,11 +178,14 @@ class StagedBundle:
             missing = missing.parent
         try:
             self.destination.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(self.destination)
             self.path = Path(
                 tempfile.mkdtemp(
                     prefix=f".{self.destination.name}.partial-", dir=self.destination.parent
                 )
             )
+            owner = {"host": socket.gethostname(), "pid": os.getpid()}
+            (self.path / STAGING_MARKER).write_text(json.dumps(owner), encoding="utf-8")
         except OSError as exc:
             self.__exit__(None, None, None)  # remove the folders created above
             raise OutputError(
@@ -118,16 +200,22 @@ class StagedBundle:
         return self.path
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Add checksums of every file in the staging folder and write ``manifest.json``."""
+        """Add checksums of every file in the staging folder, write ``manifest.json`` and
+        record its digest in ``manifest.sha256``; returns the manifest as written."""
+        skip = {MANIFEST, DIGEST_FILE, STAGING_MARKER}
         files = {
-            str(p.relative_to(self.dir)): sha256_file(p)
+            p.relative_to(self.dir).as_posix(): sha256_file(p)
             for p in sorted(self.dir.rglob("*"))
-            if p.is_file() and p.name != MANIFEST
+            if p.is_file() and p.relative_to(self.dir).as_posix() not in skip
         }
         full = dict(manifest)
         full["files"] = files
-        (self.dir / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
-        return full
+        text = json.dumps(full, indent=2) + "\n"
+        (self.dir / MANIFEST).write_text(text, encoding="utf-8")
+        written: dict[str, Any] = json.loads(text)
+        self.digest = manifest_digest(written)
+        (self.dir / DIGEST_FILE).write_text(self.digest + "\n", encoding="utf-8")
+        return written
 
     def commit(self) -> Path:
         """Move the staged bundle to its destination, replacing an older bundle there.
@@ -138,6 +226,7 @@ class StagedBundle:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.dir, 0o777 & ~umask)
+        (self.dir / STAGING_MARKER).unlink(missing_ok=True)
         old: Path | None = None
         if self.destination.exists():
             old = self.destination.with_name(f".{self.destination.name}.old-{os.getpid()}")
@@ -155,6 +244,7 @@ class StagedBundle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        full = exc is not None and self.path is not None and _out_of_space(exc, self.path)
         if not self._committed and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
         if not self._committed:
@@ -163,82 +253,9 @@ class StagedBundle:
                     folder.rmdir()
                 except OSError:  # not empty (something else wrote there) or already gone
                     break
-
-
-@dataclass(frozen=True)
-class Bundle:
-    path: Path
-    manifest: Mapping[str, Any]
-
-    @property
-    def engine_path(self) -> Path:
-        return self.path / str(self.manifest["engine"]["file"])
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        seen = "it does not exist" if not path.exists() else "it is a file, not a folder"
-        raise BundleError(
-            f"Cannot open engine bundle {path}: {seen} — pass the folder that "
-            "`esr-deploy compile` wrote (engines/<name>-<target> or its --out)."
-        )
-    if not manifest_path.is_file():
-        raise BundleError(
-            f"{path} is not an engine bundle — no {MANIFEST} in it; bundles are folders "
-            "written by `esr-deploy compile`."
-        )
-    try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(
-            f"{manifest_path} is not valid JSON: {exc} — recompile the bundle."
-        ) from exc
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(
-            f"{manifest_path} has schema_version {data.get('schema_version')!r}; this "
-            f"esr-deploy reads version {SCHEMA_VERSION} — recompile the bundle or upgrade."
-        )
-    return data  # type: ignore[no-any-return]
-
-
-def verify_files(path: Path, manifest: Mapping[str, Any]) -> None:
-    for name, expected in dict(manifest.get("files", {})).items():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f"Bundle {path} is missing {name} listed in its manifest.")
-        found = sha256_file(file)
-        if found != expected:
-            raise BundleError(
-                f"Bundle file {file} does not match its manifest: expected SHA-256 "
-                f"{expected}, found {found} — the file was modified or damaged; recompile."
-            )
-
-
-def check_device(
-    manifest: Mapping[str, Any], backend_version: str, device: Mapping[str, Any]
-) -> None:
-    """Refuse an engine built for another backend version or a CPU lacking its ISA flags."""
-    built = manifest.get("engine", {})
-    if built.get("backend_version") != backend_version:
-        raise BundleError(
-            f"The engine was built with {manifest.get('backend')} "
-            f"{built.get('backend_version')}, this machine has {backend_version} — recompile "
-            "the bundle here or install the version it was built with."
-        )
-    want = set(built.get("device", {}).get("flags", []))
-    have = set(device.get("flags", []))
-    if want - have:
-        raise BundleError(
-            f"The engine was optimised for a CPU with {sorted(want)}; this CPU lacks "
-            f"{sorted(want - have)} — recompile the bundle on this machine."
-        )
-
-
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest and, with ``verify``, check every file's checksum."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
-    return Bundle(path=path, manifest=manifest)
+        if full:
+            raise OutputError(
+                f"No space left on device while writing the bundle in "
+                f"{self.destination.parent} ({type(exc).__name__}: {exc}) — free some space "
+                "there or choose another location with --out; nothing was written."
+            ) from exc

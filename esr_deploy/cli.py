@@ -21,10 +21,11 @@ from rich.table import Table
 
 from esr_deploy import __version__
 from esr_deploy.errors import EXIT_BAD_INPUT, EsrDeployError
+from esr_deploy.gate.options import DEFAULT_MAX_REGRESSION
+from esr_deploy.gate.options import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
+from esr_deploy.gate.options import DEFAULT_WARMUP as DEFAULT_BENCH_WARMUP
 from esr_deploy.precision import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
-from esr_deploy.validate.regression import DEFAULT_MAX_REGRESSION, parse_shape
-from esr_deploy.validate.regression import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
-from esr_deploy.validate.regression import DEFAULT_WARMUP as DEFAULT_BENCH_WARMUP
+from esr_deploy.shapes import parse_shape
 
 app = typer.Typer(
     name="esr-deploy",
@@ -38,6 +39,14 @@ err = Console(stderr=True)
 out = Console()
 
 T = TypeVar("T")
+
+ExpectDigest = Annotated[
+    str | None,
+    typer.Option(
+        "--expect-digest",
+        help="Refuse the bundle unless its digest is this sha256:… (as `compile` printed it).",
+    ),
+]
 
 
 def _run(fn: Callable[[], T], json_output: bool = False) -> T:
@@ -54,6 +63,14 @@ def _run(fn: Callable[[], T], json_output: bool = False) -> T:
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
+    except Exception as exc:  # the user's model code may raise anything, anywhere
+        from esr_deploy.user_code import user_code_error
+
+        user_error = user_code_error(exc)
+        if user_error is None:
+            raise  # esr-deploy's own bug: exit 1 with the traceback
+        err.print(f"[bold red]error:[/] {escape(str(user_error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(user_error.exit_code) from None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -254,6 +271,13 @@ def compile_cmd(
             "ov-int8,ort-int8,ov-bf16,ov-fp32,ort-fp32, those available here)."
         ),
     ] = None,
+    exporter: Annotated[
+        str,
+        typer.Option(
+            help="ONNX exporter: auto (dynamo, then TorchScript when dynamo fails or its graph "
+            "fails the export check), dynamo or torchscript."
+        ),
+    ] = "auto",
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the manifest on stdout and nothing else.")
     ] = False,
@@ -294,6 +318,7 @@ def compile_cmd(
                 data_range=data_range,
             ),
             target=target,
+            exporter=exporter,
             val_dirs=tuple(val or ()),
             out=out_dir,
             latency_shapes=shapes,
@@ -317,13 +342,17 @@ def compile_cmd(
                 else None
             ),
         )
-        result = compile_model(
-            options,
-            progress=RichProgress(err),
-            on_note=lambda note: err.print(note, highlight=False, markup=False),
-        )
+        from esr_deploy.user_code import user_stdout_to_stderr
+
+        with user_stdout_to_stderr():  # what model code prints must not corrupt --json
+            result = compile_model(
+                options,
+                progress=RichProgress(err),
+                on_note=lambda note: err.print(note, highlight=False, markup=False),
+            )
         if json_output:
             sys.stdout.write(json.dumps(result.manifest, indent=2) + "\n")
+            err.print(f"digest: {result.digest}", highlight=False, markup=False)
             return
         out.print(_summary(result.manifest, result.bundle))
         if "auto" in result.manifest:
@@ -332,6 +361,7 @@ def compile_cmd(
         if result.manifest["latency_ms"]:
             out.print(_latency_table(result.manifest))
         out.print(f"bundle: {result.bundle}")
+        out.print(f"digest: {result.digest}  (pin it: --expect-digest)", highlight=False)
 
     _run(body, json_output)
 
@@ -375,16 +405,27 @@ def targets(
 
 @app.command()
 def recipes() -> None:
-    """List the zoo's recipes."""
+    """List the zoo's recipes and the architectures spandrel recognises from a state dict."""
 
     def body() -> None:
         from esr_deploy.recipe import zoo_recipes
+        from esr_deploy.spandrel_arch import INSTALL_HINT, spandrel_architectures
 
         table = Table(title="recipes")
         for col in ("name", "scale", "range", "arch", "description"):
             table.add_column(col)
         for r in zoo_recipes():
             table.add_row(r.name, f"x{r.scale}", f"0..{r.data_range:g}", r.arch, r.description)
+        out.print(table)
+        found = spandrel_architectures()
+        if not found:
+            out.print(f"spandrel is not installed ({INSTALL_HINT}): no detection beyond the zoo")
+            return
+        table = Table(title="detected by spandrel when no recipe matches (RGB, 0..1)")
+        for col in ("architecture", "name", "usable here"):
+            table.add_column(col)
+        for a in found:
+            table.add_row(a.id, a.name, "yes" if a.usable else f"no: {a.why_not}")
         out.print(table)
 
     _run(body)
@@ -398,6 +439,7 @@ def inspect(
     arch_args: Annotated[str | None, typer.Option()] = None,
     scale: Annotated[int | None, typer.Option()] = None,
     data_range: Annotated[float | None, typer.Option()] = None,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show what a checkpoint holds (architecture, metrics, input range) or a bundle's manifest."""
@@ -405,22 +447,24 @@ def inspect(
 
     def body() -> None:
         from esr_deploy.inspection import inspect_bundle, inspect_checkpoint
+        from esr_deploy.user_code import user_stdout_to_stderr
 
         if path.is_dir():
-            info = inspect_bundle(path)
+            info = inspect_bundle(path, expect_digest)
         else:
             from esr_deploy.compiler import ModelSource
 
-            info = inspect_checkpoint(
-                ModelSource(
-                    checkpoint=path,
-                    recipe=recipe,
-                    arch=arch,
-                    arch_args=arch_args,
-                    scale=scale,
-                    data_range=data_range,
+            with user_stdout_to_stderr():
+                info = inspect_checkpoint(
+                    ModelSource(
+                        checkpoint=path,
+                        recipe=recipe,
+                        arch=arch,
+                        arch_args=arch_args,
+                        scale=scale,
+                        data_range=data_range,
+                    )
                 )
-            )
         if json_output:
             sys.stdout.write(json.dumps(info, indent=2) + "\n")
             return
@@ -447,19 +491,42 @@ def validate(
     ] = None,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint for the PyTorch reference (default: the manifest's path)."),
+        typer.Option(
+            help="Checkpoint for the PyTorch reference (default: the bundle's fp32 ONNX is the "
+            "reference; nothing the bundle names is imported or read)."
+        ),
     ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", "-r", help="With --checkpoint: zoo recipe name or .toml path."),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="With --checkpoint: user architecture, pkg.module:Class.")
+    ] = None,
+    arch_args: Annotated[str | None, typer.Option(help="JSON constructor arguments.")] = None,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Re-run parity and task-quality validation of a bundle on this machine."""
     _setup_logging(False)
 
     def body() -> None:
-        from esr_deploy.compiler import validate_bundle
+        from esr_deploy.compiler import ModelSource
         from esr_deploy.errors import ValidationError
         from esr_deploy.progress import RichProgress
+        from esr_deploy.user_code import user_stdout_to_stderr
+        from esr_deploy.validate.rerun import validate_bundle
 
-        report = validate_bundle(bundle, tuple(val or ()), checkpoint, RichProgress(err))
+        if checkpoint is None and (recipe or arch or arch_args):
+            raise EsrDeployError(
+                "--recipe, --arch and --arch-args name the model of --checkpoint — give the "
+                "checkpoint too, or none of them to compare with the bundle's fp32 ONNX."
+            )
+        named = ModelSource(checkpoint, recipe, arch, arch_args) if checkpoint else None
+        with user_stdout_to_stderr():  # what model code prints must not corrupt --json
+            report = validate_bundle(
+                bundle, tuple(val or ()), named, RichProgress(err), digest=expect_digest
+            )
         if json_output:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
@@ -501,6 +568,7 @@ def bench(
     ] = f"{DEFAULT_MAX_REGRESSION:.0%}",
     runs: Annotated[int, typer.Option(help="Timed rounds.")] = DEFAULT_BENCH_RUNS,
     warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = DEFAULT_BENCH_WARMUP,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout and nothing else.")
     ] = False,
@@ -509,13 +577,8 @@ def bench(
     _setup_logging(False)
 
     def body() -> None:
-        from esr_deploy.validate.regression import (
-            BenchOptions,
-            bench_bundle,
-            compare_bundles,
-            compare_to_baseline,
-            parse_max_regression,
-        )
+        from esr_deploy.gate.bench import bench_bundle, compare_bundles, compare_to_baseline
+        from esr_deploy.gate.options import BenchOptions, parse_max_regression
 
         if against is not None and baseline is not None:
             raise EsrDeployError(
@@ -527,6 +590,7 @@ def bench(
             runs=runs,
             warmup=warmup,
             max_regression=parse_max_regression(max_regression),
+            expect_digest=expect_digest,
         )
         options.check()
         if against is not None:
@@ -594,6 +658,7 @@ def upscale(
         float | None,
         typer.Option(help="GiB one engine call may use (default: half the available memory)."),
     ] = None,
+    expect_digest: ExpectDigest = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON record per image on stdout.")
     ] = False,
@@ -609,7 +674,7 @@ def upscale(
     def body() -> None:
         from esr_deploy.errors import DataError
         from esr_deploy.progress import RichProgress
-        from esr_deploy.serving import load, upscale_jobs
+        from esr_deploy.runtime.upscaler import load, upscale_jobs
 
         if tile is not None and tile < 1:
             raise EsrDeployError(f"--tile {tile} is not a positive number of LR pixels.")
@@ -617,7 +682,7 @@ def upscale(
             raise EsrDeployError(f"--overlap {overlap} is negative — give 0 or more.")
         budget = None if max_memory is None else int(max_memory * 2**30)
         jobs = upscale_jobs(inputs, out_dir)
-        upscaler = load(bundle, max_memory=budget)
+        upscaler = load(bundle, max_memory=budget, digest=expect_digest)
         err.print(
             f"{upscaler.name}: x{upscaler.scale}; {upscaler.describe_tiling()}",
             highlight=False,
@@ -657,6 +722,21 @@ def main() -> None:
     except SystemExit as exc:  # keep typer's own exit codes (usage errors are 2)
         code = exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
         raise SystemExit(code) from None
+    except ModuleNotFoundError as exc:
+        from esr_deploy.targets import COMPILE_SIDE
+
+        missing = (exc.name or "").split(".")[0]
+        if missing not in COMPILE_SIDE:
+            raise
+        err.print(
+            f"[bold red]error:[/] this command needs the compile side of esr-deploy, and "
+            f"{missing} is not installed (a runtime-only install runs bundles: upscale, "
+            "inspect BUNDLE, bench, targets) — pip install 'esr-deploy\\[compile]' (install "
+            "torch==2.13.0 first for the CPU build; see the README).",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,6 @@ into place only after every validation check passed (:mod:`esr_deploy.bundle`).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import platform
@@ -34,12 +33,11 @@ from esr_deploy.bundle import (
     SCHEMA_VERSION,
     StagedBundle,
     check_writable,
-    load_bundle,
 )
-from esr_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_weights
 from esr_deploy.data import ValidationSet, load_validation_set
-from esr_deploy.errors import BundleError, EsrDeployError, KeyMismatchError, ValidationError
+from esr_deploy.errors import EsrDeployError, ValidationError
 from esr_deploy.export import (
+    EXPORTERS,
     INPUT_NAME,
     OUTPUT_NAME,
     ExportResult,
@@ -47,8 +45,10 @@ from esr_deploy.export import (
     derive_input_range,
     export_onnx,
 )
+from esr_deploy.export_check import export_check_inputs
+from esr_deploy.loading import LoadedModel, ModelSource, load_model
 from esr_deploy.passes import DEFAULT_PASSES, build_passes
-from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult
+from esr_deploy.passes.base import METRICS_HW, PassContext, PassManager, PassResult, copy_model
 from esr_deploy.paths import default_val_dir
 from esr_deploy.precision.apply import (
     PrecisionOnnx,
@@ -61,16 +61,8 @@ from esr_deploy.precision.calibration import calibration_set
 from esr_deploy.precision.int8 import Int8Result
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import (
-    DEFAULT_TOLERANCES,
     Recipe,
     ShapeProfile,
-    Tolerances,
-    describe_closest,
-    detect_recipe,
-    find_recipe,
-    parse_recipe,
-    rank_recipes,
-    recipe_from_arch,
 )
 from esr_deploy.targets import Target, require_available
 from esr_deploy.validate.figures import COMPARISON_IMAGES, comparison_figures
@@ -101,21 +93,10 @@ PRUNE_LATENCY_RUNS = 5
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """Where the model comes from: a checkpoint plus a recipe, named or detected."""
-
-    checkpoint: Path
-    recipe: str | None = None
-    arch: str | None = None
-    arch_args: str | None = None
-    scale: int | None = None
-    data_range: float | None = None
-
-
-@dataclass(frozen=True)
 class CompileOptions:
     source: ModelSource
     target: str = "ort-fp32"
+    exporter: str = "auto"  # esr_deploy.export.EXPORTERS
     val_dirs: tuple[Path, ...] = ()
     out: Path | None = None
     engines_dir: Path = Path("engines")
@@ -139,18 +120,12 @@ class CompileOptions:
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    recipe: Recipe
-    model: nn.Module
-    checkpoint: LoadedCheckpoint
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class CompileResult:
     bundle: Path
     manifest: dict[str, Any]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: ``sha256:…`` of the canonical manifest (:mod:`esr_deploy.runtime.bundle_reader`)
+    digest: str = ""
 
 
 def check_options(options: CompileOptions) -> None:
@@ -176,46 +151,11 @@ def check_options(options: CompileOptions) -> None:
     if options.prune_to is not None and options.prune_to < 1:
         raise EsrDeployError(f"--prune-to must be at least 1 channel, got {options.prune_to}.")
     check_precision_options(options.precision)
-
-
-def resolve_recipe(source: ModelSource, ckpt: LoadedCheckpoint) -> tuple[Recipe, str]:
-    """The recipe for ``ckpt`` and a sentence saying how it was chosen."""
-    if source.arch:
-        recipe = recipe_from_arch(source.arch, source.arch_args, source.scale, source.data_range)
-        return recipe, f"architecture {source.arch} given with --arch"
-    if source.recipe:
-        return find_recipe(source.recipe), f"recipe '{source.recipe}' given with --recipe"
-    recipe = detect_recipe(ckpt.state_dict)
-    return recipe, f"detected recipe '{recipe.name}' (the only zoo recipe that loads it strictly)"
-
-
-def load_model(source: ModelSource) -> LoadedModel:
-    """Load the checkpoint safely, choose the recipe, build the model and load its weights."""
-    ckpt = load_checkpoint(source.checkpoint)
-    recipe, how = resolve_recipe(source, ckpt)
-    model = recipe.build_model()
-    try:
-        load_weights(model, ckpt)
-    except KeyMismatchError as exc:
-        ranking = rank_recipes(ckpt.state_dict)
-        closest = describe_closest(ranking)
-        fits = [m.recipe.name for m in ranking if m.exact and m.recipe.name != recipe.name]
-        todo = (
-            f"compile it with --recipe {fits[0]}, which loads it exactly"
-            if fits
-            else "fix the recipe's arch_args or name the recipe it was trained with"
+    if options.exporter not in EXPORTERS:
+        raise EsrDeployError(
+            f"--exporter {options.exporter!r} is not an exporter — choose one of "
+            f"{', '.join(EXPORTERS)}."
         )
-        raise KeyMismatchError(
-            f"{exc}\n  The checkpoint does not fit {recipe.arch} ({how}); zoo recipes closest "
-            f"to it: {closest} — {todo}."
-        ) from exc
-    notes = [f"Using {how}."]
-    if ckpt.placeholders:
-        notes.append(
-            "Non-tensor objects in the checkpoint were not imported or run: "
-            + ", ".join(ckpt.placeholders[:5])
-        )
-    return LoadedModel(recipe=recipe, model=model.eval(), checkpoint=ckpt, notes=tuple(notes))
 
 
 def load_sets(val_dirs: Sequence[Path], scale: int) -> list[ValidationSet]:
@@ -299,7 +239,7 @@ def run_passes(
         context,
         verification_inputs(recipe, input_range, sets),
     )
-    return manager.run(copy.deepcopy(model))
+    return manager.run(copy_model(model))
 
 
 @dataclass(frozen=True)
@@ -465,7 +405,9 @@ def reduce_precision(
         )
         return not any(r.failures() for r in results), detail
 
-    return make_int8(fp32_onnx, out, calib, options.precision, accept, progress)
+    return make_int8(
+        fp32_onnx, out, calib, options.precision, accept, progress, backend.int8_kernels()
+    )
 
 
 def validation_inputs(sets: Sequence[ValidationSet], recipe: Recipe) -> list[np.ndarray]:
@@ -534,6 +476,7 @@ def build_manifest(
             "placeholders": list(loaded.checkpoint.placeholders),
         },
         "recipe": recipe.to_dict(),
+        "detection": loaded.detection,
         "arch": recipe.arch,
         "arch_args": dict(recipe.arch_args),
         "engine": engine_info,
@@ -596,6 +539,13 @@ def compile_model(
             recipe.data_range,
             max_hw=recipe.profile.max,
             input_range=input_range,
+            check_inputs=export_check_inputs(
+                [(p.name, p.lr) for p in sets[0].pairs],
+                partial(model_input, recipe=recipe),
+                input_range.min_hw,
+                recipe.data_range,
+            ),
+            exporter=options.exporter,
         )
         reference = memoized(loaded.model)
 
@@ -706,90 +656,6 @@ def compile_model(
         write_report(staged.dir / REPORT, manifest)
         manifest = staged.write_manifest(manifest)
         bundle = staged.commit()
-    return CompileResult(bundle=bundle, manifest=manifest, notes=loaded.notes)
-
-
-def _reference_from_manifest(
-    manifest: dict[str, Any], bundle: Path, checkpoint: Path | None
-) -> tuple[ReferenceRun, str]:
-    """The PyTorch training-form model when its checkpoint is at hand, else the bundle's ONNX."""
-    path = checkpoint or Path(manifest["checkpoint"]["path"])
-    if path.is_file():
-        ckpt = load_checkpoint(path)
-        if ckpt.sha256 != manifest["checkpoint"]["sha256"]:
-            raise BundleError(
-                f"Checkpoint {path} has SHA-256 {ckpt.sha256}, the bundle was built from "
-                f"{manifest['checkpoint']['sha256']} — pass the original with --checkpoint."
-            )
-        recipe = recipe_from_manifest(manifest)
-        model = recipe.build_model()
-        load_weights(model, ckpt)
-        return model.eval(), f"PyTorch fp32 model from {path}"
-    return _onnx_reference(bundle / manifest["reference_onnx"]), (
-        f"the bundle's fp32 ONNX ({manifest['reference_onnx']}); checkpoint {path} "
-        "not found (pass --checkpoint for the PyTorch reference)"
+    return CompileResult(
+        bundle=bundle, manifest=manifest, notes=loaded.notes, digest=staged.digest or ""
     )
-
-
-def _onnx_reference(path: Path) -> ReferenceRun:
-    """A reference that runs an fp32 ONNX graph on the CPU runtime."""
-    from esr_deploy.backends.onnxruntime import cpu_session
-
-    session = cpu_session(path)
-
-    def run(x: torch.Tensor) -> np.ndarray:
-        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
-
-    return run
-
-
-def recipe_from_manifest(manifest: dict[str, Any]) -> Recipe:
-    r = manifest["recipe"]
-    return parse_recipe(
-        {k: r[k] for k in ("name", "arch", "arch_args", "scale", "data_range", "color_order")}
-    )
-
-
-def validate_bundle(
-    bundle_path: Path,
-    val_dirs: Sequence[Path],
-    checkpoint: Path | None,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Re-run parity and task quality of a bundle here; returns a report dict with failures."""
-    progress = progress or NullProgress()
-    bundle = load_bundle(bundle_path)
-    manifest = dict(bundle.manifest)
-    target, backend = require_available(manifest["target"])
-    backend.check_engine(manifest)
-    recipe = recipe_from_manifest(manifest)
-    reference, reference_kind = _reference_from_manifest(manifest, bundle.path, checkpoint)
-    session = backend.load(bundle.engine_path, manifest["engine"]["settings"])
-    sets = load_sets(val_dirs, recipe.scale)
-    tolerance = recipe_tolerance(manifest, target.precision)
-    parity_reference = None
-    if manifest.get("pruning", {}).get("mode") == "lossy":
-        # the engine is meant to differ from the unpruned model: parity against the pruned
-        # fp32 ONNX it was built from; the PSNR drop is reported, not gated (as in compile)
-        parity_reference = _onnx_reference(bundle.path / manifest["reference_onnx"])
-        reference_kind += "; parity against the pruned fp32 ONNX in the bundle"
-    results = [
-        evaluate_set(s, reference, session.run, recipe, tolerance, progress, parity_reference)
-        for s in sets
-    ]
-    return {
-        "name": manifest["name"],
-        "target": manifest["target"],
-        "reference": reference_kind,
-        "validation": {r.name: r.to_dict() for r in results},
-        "failures": [f for r in results for f in r.failures()],
-    }
-
-
-def recipe_tolerance(manifest: dict[str, Any], precision: str) -> Tolerances:
-    """The tolerance the bundle was validated with (recorded per set), else the default."""
-    for v in manifest.get("validation", {}).values():
-        req = v.get("required")
-        if req:
-            return Tolerances(**req)
-    return DEFAULT_TOLERANCES[precision]

@@ -3,7 +3,8 @@
 Everything here works on ``uint8`` H×W×3 RGB arrays, the form in which SR benchmarks are
 stored and evaluated. The conversion to and from network tensors is explicit
 (:func:`to_tensor`, :func:`to_uint8`) so that the rounding used by the evaluation protocol
-(``/work/shared/weights/README.md``) lives in one place.
+(``/work/shared/weights/README.md``) lives in one place. torch is imported only by those two
+functions, so the runtime (which reads and writes images) does not load it.
 
 Validation set layout (what :func:`load_validation_set` reads)::
 
@@ -23,13 +24,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from esr_deploy.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -103,11 +106,24 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _single_frame(im: Image.Image, path: Path) -> None:
+    """Refuse a multi-frame file (animated GIF/WebP/PNG, multi-page TIFF) rather than
+    silently reading its first frame."""
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames > 1:
+        raise DataError(
+            f"cannot read image {path} — it holds {frames} frames (an animation or a "
+            "multi-page file), and esr-deploy reads single images — extract the frames as "
+            "separate images first (e.g. ffmpeg -i in.gif frame%04d.png)"
+        )
+
+
 def _decode(path: Path, convert: Callable[[Image.Image, Path], T], upright: bool) -> T:
     """Open, decode and ``convert`` an image; every failure becomes a :class:`DataError`
     naming the file and what is there. ``upright``: apply the EXIF orientation first."""
     try:
         with Image.open(path) as opened:
+            _single_frame(opened, path)
             opened.load()
             im = (ImageOps.exif_transpose(opened) or opened) if upright else opened
             return convert(im, path)
@@ -208,11 +224,13 @@ def read_source_image(path: str | Path) -> SourceImage:
     - 16-bit greyscale PNGs keep their 16 bits (``uint16``); 16-bit *colour* PNGs are
       refused, because Pillow decodes them to 8 bits and the result would silently lose
       precision;
-    - EXIF orientation is applied (camera JPEGs are written upright).
+    - EXIF orientation is applied (camera JPEGs are written upright);
+    - multi-frame files (animated GIF/WebP/PNG, multi-page TIFF) are refused rather than
+      silently reduced to their first frame.
 
     Raises:
-        DataError: missing, unreadable, floating-point or 16-bit colour images, naming the
-            file and what was found.
+        DataError: missing, unreadable, floating-point, 16-bit colour or multi-frame images,
+            naming the file and what was found.
     """
     p = Path(path)
     depth = _png_bit_depth(p)
@@ -423,6 +441,8 @@ def to_tensor(img: np.ndarray, data_range: float) -> torch.Tensor:
             f"to_tensor expects a uint8 H×W×3 image — got dtype {img.dtype}, shape "
             f"{img.shape} — read images with esr_deploy.data.read_image"
         )
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(torch.float32)
     if data_range != 255.0:
         t = t * (float(data_range) / 255.0)
@@ -445,7 +465,9 @@ def to_uint8(out: torch.Tensor | np.ndarray, data_range: float) -> np.ndarray:
             "pass the model output for one RGB image"
         )
     factor = 255.0 / float(data_range)
-    if isinstance(out, torch.Tensor):
+    if not isinstance(out, np.ndarray):  # a torch tensor
+        import torch
+
         t = out.detach().to("cpu")
         if not t.is_floating_point():
             t = t.to(torch.float32)

@@ -88,3 +88,12 @@ class BundleError(EsrDeployError):
 class TilingError(EsrDeployError):
     """A tiled run cannot be planned or assembled (bad tile size, image smaller than the
     network's minimum input, a graph whose receptive field cannot be read)."""
+
+
+class NoRecipeMatch(RecipeError):
+    """No zoo recipe (and no architecture spandrel recognises) loads the checkpoint."""
+
+
+class UserCodeError(EsrDeployError):
+    """The user's architecture code failed: an import, its constructor or its forward
+    (the message names the file and line in the user's code)."""

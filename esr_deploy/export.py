@@ -9,13 +9,19 @@ The graph has one input ``lr`` (N×3×H×W, float32, range [0, data_range]) and 
    from the architecture: it runs the PyTorch model on every side length from 1 up and
    records the smallest ``n`` from which every size it tried works (height and width
    separately), together with any larger size that still failed.
-2. **Export** with ``torch.onnx.export`` (dynamo/torch.export first, the TorchScript exporter
-   as a fallback), H and W symbolic.
+2. **Export** with ``torch.onnx.export``, H and W symbolic: ``--exporter auto`` (the default)
+   tries dynamo/torch.export first and the TorchScript exporter (traced at an odd size) when
+   dynamo fails to export *or its graph fails the check*; ``dynamo`` or ``torchscript`` uses
+   that one only.
 3. ``onnx.checker`` (full check, with shape inference), then **onnxsim** (kept only if it
    succeeds and its result still checks).
-4. **Verification**: ONNX Runtime runs the graph on seeded random inputs of odd and minimal
-   sizes; the largest absolute difference to PyTorch, relative to ``data_range``, must stay
-   within :data:`EXPORT_TOLERANCE`.
+4. **The export check** (:mod:`esr_deploy.export_check`): ONNX Runtime runs the graph on real
+   LR crops of the minimal, odd and full sizes (seeded random inputs when no image is given);
+   the largest absolute difference to PyTorch, relative to the output span, must stay within
+   :data:`EXPORT_TOLERANCE` (against float64 where float32 itself is unstable). A graph that
+   fails at some size, or differs, is rejected naming the input and the node; when no
+   exporter passes, :class:`ExportError` (exit 2) says so, and whether a fixed-size export
+   would have worked.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +43,18 @@ import torch
 from torch import nn
 
 from esr_deploy.errors import ExportError
+from esr_deploy.export_check import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    CheckFailure,
+    CheckInput,
+    check_graph,
+    export_check_inputs,
+    first_differing_value,
+)
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "lr"
-OUTPUT_NAME = "sr"
 DEFAULT_OPSET = 18
 #: Max |onnx - torch| / max(data_range, output span) accepted for the fp32 export (reordered
 #: float sums only).
@@ -88,10 +102,12 @@ class ExportResult:
     max_abs_error: float  # relative to data_range
     stats: GraphStats
     notes: tuple[str, ...] = ()
+    checked_on: tuple[str, ...] = ()  # the inputs of the export check
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "exporter": self.exporter,
+            "checked_on": list(self.checked_on),
             "opset": self.opset,
             "simplified": self.simplified,
             "input_range": self.input_range.to_dict(),
@@ -104,14 +120,22 @@ class ExportResult:
         }
 
 
-def _runs(model: nn.Module, h: int, w: int, scale: int) -> bool:
+def _run_probe(model: nn.Module, h: int, w: int, scale: int) -> BaseException | None:
+    """``None`` when the model maps an h×w input to an (s·h)×(s·w) tensor, else why not."""
     x = torch.zeros(1, _CHANNELS, h, w)
     try:
         with torch.no_grad():
             y = model(x)
-    except (RuntimeError, ValueError, IndexError):
-        return False
-    return isinstance(y, torch.Tensor) and tuple(y.shape[-2:]) == (h * scale, w * scale)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+        return exc
+    if isinstance(y, torch.Tensor) and tuple(y.shape[-2:]) == (h * scale, w * scale):
+        return None
+    got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+    return ValueError(f"the output is {got}")
+
+
+def _runs(model: nn.Module, h: int, w: int, scale: int) -> bool:
+    return _run_probe(model, h, w, scale) is None
 
 
 def derive_input_range(model: nn.Module, scale: int) -> InputRange:
@@ -121,12 +145,18 @@ def derive_input_range(model: nn.Module, scale: int) -> InputRange:
     square works; then each axis alone is probed below ``m`` with the other side at
     ``max(m, _PROBE_OTHER_SIDE)``, since one side can be allowed to be smaller than the other.
     """
-    ok = [_runs(model, n, n, scale) for n in range(1, PROBE_LIMIT + 1)]
-    if not ok[-1]:
+    ok = [_runs(model, n, n, scale) for n in range(1, PROBE_LIMIT)]
+    why = _run_probe(model, PROBE_LIMIT, PROBE_LIMIT, scale)
+    ok.append(why is None)
+    if why is not None:
+        from esr_deploy.user_code import user_frame
+
+        where = user_frame(why)
         raise ExportError(
             f"The model does not run on a {PROBE_LIMIT}×{PROBE_LIMIT} LR input or its output "
-            f"is not {scale}× the input — check the recipe's scale and the architecture "
-            "arguments."
+            f"is not {scale}× the input — {type(why).__name__}: {str(why)[:300]}"
+            f"{f' at {where}' if where else ''} — check the recipe's scale and the "
+            "architecture arguments."
         )
     square_min = ok.index(True) + 1
     failing = [
@@ -194,7 +224,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _export_dynamo(
     model: nn.Module, sample: torch.Tensor, min_hw: Sequence[int], max_hw: Sequence[int], opset: int
-) -> onnx.ModelProto:
+) -> Any:
     dims = {
         2: torch.export.Dim("h", min=max(2, min_hw[0]), max=max(max_hw[0], 4096)),
         3: torch.export.Dim("w", min=max(2, min_hw[1]), max=max(max_hw[1], 4096)),
@@ -213,7 +243,7 @@ def _export_dynamo(
     )
     if program is None:  # pragma: no cover - dynamo export always returns a program
         raise RuntimeError("torch.onnx.export returned no program")
-    return program.model_proto
+    return program
 
 
 def _export_torchscript(model: nn.Module, sample: torch.Tensor, opset: int) -> onnx.ModelProto:
@@ -247,30 +277,100 @@ def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     return simplified, None
 
 
-def _verify(
-    path: Path, model: nn.Module, data_range: float, sizes: Sequence[tuple[int, int]]
-) -> float:
-    from esr_deploy.backends.onnxruntime import cpu_session  # the CPU runtime's one home
+#: ``--exporter`` values: ``auto`` tries dynamo, then TorchScript when dynamo fails to export
+#: or its graph fails the check.
+EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
+_EXPORTER_NAMES = {"dynamo": "torch.export (dynamo)", "torchscript": "torchscript"}
 
-    session = cpu_session(path, optimize=False)
-    gen = torch.Generator().manual_seed(_SEED)
-    worst = 0.0
-    for h, w in sizes:
-        x = torch.rand(1, _CHANNELS, h, w, generator=gen) * data_range
-        with torch.no_grad():
-            ref = model(x).numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        if got.shape != ref.shape:
-            raise ExportError(
-                f"The exported ONNX returns shape {got.shape} for a {h}×{w} input where "
-                f"PyTorch returns {ref.shape} — the export lost the dynamic H×W."
-            )
-        # relative to the output's span (at least the data range): float32 rounding scales
-        # with the values, and a model that is not trained (or pruned without fine-tuning)
-        # can produce outputs far outside the data range
-        span = max(data_range, float(ref.max() - ref.min()))
-        worst = max(worst, float(np.max(np.abs(got - ref))) / span)
-    return worst
+
+def _trace_sample(min_hw: Sequence[int]) -> torch.Tensor:
+    """TorchScript traces one size: an odd one, so that padding to a window or patch
+    multiple (``if h % 8: pad``) is recorded rather than skipped."""
+    h, w = (max(min_hw[0], 64) + 3) | 1, (max(min_hw[1], 64) + 3) | 1
+    return torch.rand(1, _CHANNELS, h, w, generator=torch.Generator().manual_seed(_SEED))
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    exporter: str
+    proto: onnx.ModelProto | None
+    program: Any = None
+    error: str = ""
+
+
+def _attempt(
+    kind: str, model: nn.Module, min_hw: Sequence[int], max_hw: Sequence[int], opset: int
+) -> _Attempt:
+    """Export with one exporter; an exporter crash is recorded, not raised."""
+    sample_hw = (max(min_hw[0], 64), max(min_hw[1], 64))
+    sample = torch.rand(1, _CHANNELS, *sample_hw, generator=torch.Generator().manual_seed(_SEED))
+    try:
+        with warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            if kind == "dynamo":
+                program = _export_dynamo(model, sample, min_hw, max_hw, opset)
+                return _Attempt(kind, program.model_proto, program)
+            return _Attempt(kind, _export_torchscript(model, _trace_sample(min_hw), opset))
+    except Exception as exc:  # the exporters raise many untyped errors
+        log.warning("%s export failed (%s)", kind, str(exc)[:300])
+        return _Attempt(kind, None, error=f"{type(exc).__name__}: {str(exc)[:400]}")
+
+
+def replaced_parameters(model: nn.Module, min_hw: Sequence[int]) -> list[str]:
+    """Parameters whose storage ``model``'s forward replaces (``p.data = ...``): networks
+    that re-derive a folded weight on every call (SPAN's ``Conv3XC.update_params``).
+    torch.export cannot trace that (it crashes the process in torch 2.13), so ``auto``
+    exports such a model with the TorchScript exporter, which records the call as run."""
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    x = torch.zeros(1, _CHANNELS, max(min_hw[0], 8), max(min_hw[1], 8))
+    with torch.no_grad():
+        model(x)
+    return [n for n, p in model.named_parameters() if before.get(n) != p.data_ptr()]
+
+
+def _check_and_simplify(
+    proto: onnx.ModelProto, simplify: bool, notes: list[str]
+) -> tuple[onnx.ModelProto, bool]:
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"The exported ONNX graph is invalid: {exc}") from exc
+    if simplify:
+        candidate, problem = _simplify(proto)
+        if problem:
+            notes.append(problem)
+            log.warning("%s", problem)
+        else:
+            return candidate, True
+    return proto, False
+
+
+def _export_failed(
+    attempts: Sequence[tuple[_Attempt, CheckFailure | None]], inputs: Sequence[CheckInput]
+) -> ExportError:
+    """The error when no exporter gave a graph that passes the check (exit 2)."""
+    said = []
+    fixed_size = False
+    for attempt, failure in attempts:
+        if failure is None:
+            said.append(f"the {attempt.exporter} exporter failed: {attempt.error}")
+            continue
+        said.append(f"the {attempt.exporter} export fails {failure.describe()}")
+        fixed_size |= failure.size_dependent
+    advice = (
+        "the graph holds only at the size it was traced at: the export lost the dynamic "
+        "H×W (shape-dependent Python in forward, e.g. `if h % window: pad`, or adaptive "
+        "pooling to a size computed from the input); a fixed-size export would work, and "
+        "tiling can then serve any size — make the padding unconditional or the pooling "
+        "size fixed, or try --exporter"
+        if fixed_size
+        else "an exporter mistranslated an op; try --exporter, or report the model"
+    )
+    checked = ", ".join(label for label, _ in inputs)
+    return ExportError(
+        f"Could not export a graph that matches PyTorch at every size — {'; '.join(said)} "
+        f"(checked on {checked}) — {advice}."
+    )
 
 
 def export_onnx(
@@ -282,59 +382,64 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     simplify: bool = True,
     input_range: InputRange | None = None,
+    check_inputs: Sequence[CheckInput] | None = None,
+    exporter: str = "auto",
 ) -> ExportResult:
     """Export ``model`` (eval mode, float32) to ``path``; see the module docstring.
 
     ``input_range``: the smallest accepted input, when the caller already probed it.
+    ``check_inputs``: labelled inputs of the export check (real LR crops,
+    :func:`esr_deploy.export_check.export_check_inputs`); seeded random ones when ``None``.
+    ``exporter``: one of :data:`EXPORTERS`.
     """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"Unknown exporter '{exporter}' — choose one of {', '.join(EXPORTERS)}.")
     model = model.eval()
     input_range = input_range or derive_input_range(model, scale)
     min_hw = input_range.min_hw
-    sample_hw = (max(min_hw[0], 64), max(min_hw[1], 64))
-    sample = torch.rand(1, _CHANNELS, *sample_hw, generator=torch.Generator().manual_seed(_SEED))
+    inputs = list(check_inputs or export_check_inputs((), torch.from_numpy, min_hw, data_range))
     notes: list[str] = []
-    try:
-        with warnings.catch_warnings(), _quiet_exporter():
-            warnings.simplefilter("ignore")
-            proto = _export_dynamo(model, sample, min_hw, max_hw, opset)
-        exporter = "torch.export (dynamo)"
-    except Exception as exc:  # the dynamo exporter raises many untyped errors
-        log.warning("dynamo export failed (%s); falling back to the TorchScript exporter", exc)
-        notes.append(f"dynamo exporter failed: {type(exc).__name__}: {str(exc)[:300]}")
-        try:
-            proto = _export_torchscript(model, sample, opset)
-        except Exception as exc2:  # same: untyped exporter errors
-            raise ExportError(
-                f"Could not export the model to ONNX — the dynamo exporter said "
-                f"'{str(exc)[:400]}' and the TorchScript exporter said '{str(exc2)[:400]}' — "
-                "make forward() free of data-dependent Python control flow and in-place "
-                "ops on inputs."
-            ) from exc2
-        exporter = "torchscript"
-        opset = min(opset, 17)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"The exported ONNX graph is invalid: {exc}") from exc
-    simplified = False
-    if simplify:
-        candidate, problem = _simplify(proto)
-        if problem:
-            notes.append(problem)
-            log.warning("%s", problem)
-        else:
-            proto, simplified = candidate, True
-    proto.producer_name = "esr-deploy"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
-    odd = (max(min_hw[0], 37) | 1, max(min_hw[1], 53) | 1)
-    error = _verify(path, model, data_range, [min_hw, odd])
-    if error > EXPORT_TOLERANCE:
-        raise ExportError(
-            f"The exported ONNX differs from PyTorch by {error:.3g} × data_range (allowed "
-            f"{EXPORT_TOLERANCE:g}) — the exporter mistranslated an op; try the other "
-            "exporter or report the model."
+    tried: list[tuple[_Attempt, CheckFailure | None]] = []
+    kinds: tuple[str, ...] = ("dynamo", "torchscript") if exporter == "auto" else (exporter,)
+    replaced = replaced_parameters(model, min_hw) if exporter == "auto" else []
+    if replaced:
+        kinds = ("torchscript",)
+        notes.append(
+            f"forward replaces {len(replaced)} parameters on every call (e.g. {replaced[0]}): "
+            "exported with the TorchScript exporter, which torch.export cannot trace"
         )
+    for kind in kinds:
+        attempt = _attempt(kind, model, min_hw, max_hw, opset)
+        if attempt.proto is None:
+            tried.append((attempt, None))
+            notes.append(f"{kind} exporter failed: {attempt.error[:300]}")
+            continue
+        proto, simplified = _check_and_simplify(attempt.proto, simplify, notes)
+        proto.producer_name = "esr-deploy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, str(path))
+        program = attempt.program
+        check = check_graph(
+            path,
+            model,
+            data_range,
+            inputs,
+            EXPORT_TOLERANCE,
+            locate=(
+                None
+                if program is None
+                else partial(first_differing_value, program, tolerance=EXPORT_TOLERANCE)
+            ),
+        )
+        notes.extend(check.notes)
+        if check.failure is None:
+            break
+        tried.append((attempt, check.failure))
+        notes.append(f"{kind} export rejected: {check.failure.describe()}")
+        log.warning("%s export rejected %s", kind, check.failure.describe())
+    else:
+        path.unlink(missing_ok=True)
+        raise _export_failed(tried, inputs)
     stats = graph_stats(proto)
     log.info(
         "exported %s: %d nodes, %d convs, %d params, max error %.3g",
@@ -342,15 +447,16 @@ def export_onnx(
         stats.nodes,
         stats.convs,
         stats.params,
-        error,
+        check.max_error,
     )
     return ExportResult(
         path=path,
-        exporter=exporter,
-        opset=opset,
+        exporter=_EXPORTER_NAMES[kind],
+        opset=opset if kind == "dynamo" else min(opset, 17),
         simplified=simplified,
         input_range=input_range,
-        max_abs_error=error,
+        max_abs_error=check.max_error,
         stats=stats,
         notes=tuple(notes),
+        checked_on=tuple(label for label, _ in inputs),
     )

@@ -1,17 +1,24 @@
-"""``esr-deploy inspect``: what a checkpoint or a bundle holds, without compiling anything."""
+"""``esr-deploy inspect``: what a checkpoint or a bundle holds, without compiling anything.
+
+Inspecting a bundle needs only the runtime (no torch); a checkpoint, the compile side."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from esr_deploy.bundle import load_bundle
-from esr_deploy.compiler import ModelSource, load_model, load_sets, metrics_256, run_passes
-from esr_deploy.export import derive_input_range
+from esr_deploy.runtime.bundle_reader import open_bundle
+
+if TYPE_CHECKING:
+    from esr_deploy.compiler import ModelSource
 
 
 def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
     """What the checkpoint holds and what each default pass would do (on a copy)."""
+    # the compile side (torch), imported only here: inspecting a bundle runs without it
+    from esr_deploy.compiler import load_model, load_sets, metrics_256, run_passes
+    from esr_deploy.export import derive_input_range
+
     loaded = load_model(source)
     rng = derive_input_range(loaded.model, loaded.recipe.scale)
     _, plan = run_passes(
@@ -30,6 +37,7 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
         "tensors": len(loaded.checkpoint.state_dict),
         "recipe": loaded.recipe.name,
         "how": " ".join(loaded.notes),
+        "detection": loaded.detection,
         "arch": loaded.recipe.arch,
         "arch_args": dict(loaded.recipe.arch_args),
         "scale": loaded.recipe.scale,
@@ -52,24 +60,30 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
     }
 
 
-def inspect_bundle(path: Path) -> dict[str, Any]:
-    bundle = load_bundle(path)
+def inspect_bundle(path: Path, digest: str | None = None) -> dict[str, Any]:
+    """What a bundle is, opened through the strict reader (``digest``: the pinned one)."""
+    bundle = open_bundle(path, digest=digest)
     m = bundle.manifest
+    device = m["engine"]["device"]
     return {
         "name": m["name"],
         "target": m["target"],
-        "backend": f"{m['backend']} {m['backend_version']}",
-        "built_on": m["engine"]["device"].get("model", m["engine"]["device"].get("kind")),
-        "created": m["created"],
+        "digest": bundle.digest,
+        "backend": f"{m['backend']} {m['engine']['backend_version']}",
+        "built_on": device.get("model", device.get("kind")),
+        "created": m.get("created"),
         "checkpoint": m["checkpoint"],
         "scale": m["scale"],
         "data_range": m["data_range"],
-        "profile": m["profile"],
+        "profile": m.get("profile"),
         "metrics": m["metrics"],
         "validation": {
-            k: {kk: v[kk] for kk in ("engine_psnr_y", "psnr_drop", "parity_min_psnr")}
+            k: {kk: v.get(kk) for kk in ("engine_psnr_y", "psnr_drop", "parity_min_psnr")}
             for k, v in m["validation"].items()
+            if isinstance(v, dict)
         },
-        "latency_ms": {k: v["median"] for k, v in m["latency_ms"].items()},
+        "latency_ms": {
+            k: v.get("median") for k, v in m["latency_ms"].items() if isinstance(v, dict)
+        },
         "files_verified": len(m["files"]),
     }

@@ -14,28 +14,25 @@ overlap.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import os
-import sys
-from collections.abc import Mapping, Sequence
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import tomllib
 import torch
 from torch import nn
 
 from esr_deploy.checkpoint import align_keys, expected_shapes, key_overlap
-from esr_deploy.errors import KeyMismatchError, RecipeError
+from esr_deploy.errors import KeyMismatchError, NoRecipeMatch, RecipeError
 from esr_deploy.paths import recipes_dir
+from esr_deploy.shapes import DEFAULT_MAX_HW, DEFAULT_OPT_HW, HW, ShapeProfile
+from esr_deploy.user_code import build_user_model, import_user_callable
 
 log = logging.getLogger(__name__)
-
-HW = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -64,31 +61,6 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerances] = MappingProxyType(
 #: Parity PSNR reported for identical outputs (validate/parity.py uses the same value).
 PARITY_PSNR_CAP = 200.0
 
-#: Largest LR frame the default profile admits (a 1080p LR frame, either orientation fits
-#: a dynamic-shape engine; TensorRT profiles are derived from it by that backend).
-DEFAULT_OPT_HW: HW = (256, 256)
-DEFAULT_MAX_HW: HW = (1080, 1920)
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """LR input sizes (H, W) an engine is built and validated for.
-
-    ``min`` is ``None`` until the exporter has derived the smallest input the graph accepts
-    (networks with a strided conv followed by a large pooling window fail below it).
-    """
-
-    opt: HW = DEFAULT_OPT_HW
-    max: HW = DEFAULT_MAX_HW
-    min: HW | None = None
-
-    def to_dict(self) -> dict[str, list[int] | None]:
-        return {
-            "min": list(self.min) if self.min else None,
-            "opt": list(self.opt),
-            "max": list(self.max),
-        }
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -113,22 +85,9 @@ class Recipe:
             return DEFAULT_TOLERANCES[precision]
 
     def build_model(self) -> nn.Module:
-        """Instantiate the architecture with random weights, in eval mode."""
-        cls = import_arch(self.arch)
-        try:
-            model = cls(**dict(self.arch_args))
-        except TypeError as exc:
-            raise RecipeError(
-                f"Could not build {self.arch} for recipe '{self.name}' — the constructor "
-                f"rejected the arguments {json.dumps(dict(self.arch_args))}: {exc} — fix "
-                "arch_args in the recipe (or --arch-args) to match the class's signature."
-            ) from exc
-        if not isinstance(model, nn.Module):
-            raise RecipeError(
-                f"{self.arch} is not a torch.nn.Module (got {type(model).__name__}) — "
-                "point --arch / the recipe's arch at the network class."
-            )
-        return model.eval()
+        """Instantiate the architecture with random weights, in eval mode (any failure of
+        the user's code is a :class:`~esr_deploy.errors.UserCodeError`)."""
+        return build_user_model(import_arch(self.arch), self.arch, dict(self.arch_args), self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,39 +102,10 @@ class Recipe:
         }
 
 
-def import_arch(spec: str) -> type:
-    """Import ``package.module:Class``, from the current directory and PYTHONPATH too."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RecipeError(
-            f"Architecture '{spec}' is not of the form package.module:Class — "
-            "write it e.g. as my_models.net:MyNet."
-        )
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:  # only for this import: the rest of the process keeps its own sys.path
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RecipeError(
-            f"Could not import module '{module_name}' for architecture '{spec}': {exc} — "
-            "run from the folder that contains it or add that folder to PYTHONPATH."
-        ) from exc
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RecipeError(
-                f"Module '{module_name}' has no attribute '{attr}' (architecture '{spec}') — "
-                "check the class name."
-            )
-        obj = getattr(obj, part)
-    if not isinstance(obj, type):
-        raise RecipeError(f"'{spec}' is not a class — point it at the network class.")
-    return obj
+def import_arch(spec: str) -> Callable[..., Any]:
+    """Import ``package.module:name``, a class or a factory function returning the network,
+    from the current directory and PYTHONPATH too (:mod:`esr_deploy.user_code`)."""
+    return import_user_callable(spec)
 
 
 def _hw(value: Any, what: str, where: str) -> HW:
@@ -370,7 +300,7 @@ def detect_recipe(state_dict: Mapping[str, torch.Tensor]) -> Recipe:
     if len(exact) == 1:
         return exact[0]
     if not exact:
-        raise RecipeError(
+        raise NoRecipeMatch(
             "No zoo recipe matches this checkpoint — its parameter names and shapes fit "
             f"none of the zoo architectures exactly; closest: {describe_closest(ranking)}. — "
             "Name one with --recipe NAME|PATH (the error then lists the differing keys), or "

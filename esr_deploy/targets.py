@@ -108,8 +108,23 @@ def backend_for(target: Target) -> Backend:
     return backend
 
 
+#: packages of the compile side (the ``compile`` extra), absent from a runtime-only install
+COMPILE_SIDE = frozenset({"torch", "onnxsim", "onnxscript", "torch_pruning"})
+
+
 def availability(target: Target) -> Availability:
-    return backend_for(target).availability(target.precision)
+    try:
+        backend = backend_for(target)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in COMPILE_SIDE:
+            raise
+        return Availability(
+            False,
+            f"its backend needs {missing}, which this runtime-only install lacks "
+            "(pip install 'esr-deploy[compile]')",
+        )
+    return backend.availability(target.precision)
 
 
 def require_available(name: str) -> tuple[Target, Backend]:

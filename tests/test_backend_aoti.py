@@ -36,8 +36,6 @@ from esr_deploy.backends.aoti import (
     export_program,
     native_bf16,
 )
-from esr_deploy.backends.onnxruntime import cpu_info
-from esr_deploy.bundle import load_bundle
 from esr_deploy.checkpoint import load_checkpoint, load_weights
 from esr_deploy.compiler import (
     CompileOptions,
@@ -46,10 +44,13 @@ from esr_deploy.compiler import (
     compile_model,
     validate_bundle,
 )
+from esr_deploy.cpu import cpu_info
 from esr_deploy.errors import BundleError, DataError, TargetUnavailable
 from esr_deploy.precision.calibration import CalibrationSet
 from esr_deploy.precision.torch_graph import apply_precision, measure_ranges, plan_precision
-from esr_deploy.recipe import ShapeProfile, find_recipe
+from esr_deploy.recipe import find_recipe
+from esr_deploy.runtime.bundle_reader import open_bundle
+from esr_deploy.shapes import ShapeProfile
 from esr_deploy.targets import availability, get_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,11 +109,11 @@ def test_bf16_is_offered_exactly_where_the_cpu_computes_bf16_natively() -> None:
     if flags & {"avx512_bf16", "amx_bf16"}:
         assert status.ok, status.reason
     else:
-        assert not status.ok and "no native bf16 arithmetic" in status.reason, status.reason
-    zen3 = native_bf16({"model": "AMD EPYC 7B13", "flags": ["avx2", "fma"]})
-    assert not zen3.ok and "AMD EPYC 7B13" in zen3.reason and "avx512_bf16" in zen3.reason
-    assert native_bf16({"flags": ["avx2", "amx_bf16"]}).ok
-    assert native_bf16({"flags": ["avx512f", "avx512_bf16"]}).ok
+        assert not status.ok and "bf16 is not native" in status.reason, status.reason
+    zen3 = native_bf16(frozenset({"avx2", "fma"}))
+    assert not zen3.ok and "AVX-512 BF16 or AMX-BF16" in zen3.reason
+    assert native_bf16(frozenset({"avx2", "amx_bf16"})).ok
+    assert native_bf16(frozenset({"avx512f", "avx512_bf16"})).ok
 
 
 def test_precisions_outside_a_device_are_refused() -> None:
@@ -219,7 +220,7 @@ def test_cpu_fp32_bundle_is_validated_and_describes_its_package(cpu_bundle: Comp
 def test_cpu_package_runs_odd_batched_and_refuses_shapes_outside_its_range(
     cpu_bundle: CompileResult,
 ) -> None:
-    bundle = load_bundle(cpu_bundle.bundle)
+    bundle = open_bundle(cpu_bundle.bundle)
     session = AOTInductor("cpu").load(bundle.engine_path, bundle.manifest["engine"]["settings"])
     model = _tiny()
     for n, h, w in ((1, 37, 53), (2, 20, 31), (1, 1, 1)):
@@ -240,9 +241,9 @@ def test_package_loads_in_a_process_that_never_imports_the_model_code(
     np.save(tmp_path / "x.npy", x)
     script = (
         "import json, sys, numpy as np\n"
-        "from esr_deploy.bundle import load_bundle\n"
+        "from esr_deploy.runtime.bundle_reader import open_bundle\n"
         "from esr_deploy.targets import require_available\n"
-        f"b = load_bundle({str(cpu_bundle.bundle)!r})\n"
+        f"b = open_bundle({str(cpu_bundle.bundle)!r})\n"
         "_, backend = require_available(b.manifest['target'])\n"
         "backend.check_engine(b.manifest)\n"
         "s = backend.load(b.engine_path, b.manifest['engine']['settings'])\n"
@@ -273,7 +274,7 @@ def test_cpu_bf16_compiles_where_native_and_is_refused_elsewhere(
 ) -> None:
     status = availability(get_target("aoti-cpu-bf16"))
     if not status.ok:
-        with pytest.raises(TargetUnavailable, match="no native bf16"):
+        with pytest.raises(TargetUnavailable, match="bf16 is not native"):
             _compile(tiny_ckpt, "aoti-cpu-bf16", tmp_path / "bf16")
         return
     m = _compile(tiny_ckpt, "aoti-cpu-bf16", tmp_path / "bf16").manifest
@@ -309,7 +310,7 @@ def cuda_bundles(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_cuda_bundle_matches_the_reference(
     cuda_bundles: dict[str, Path], precision: str, floor: float
 ) -> None:
-    bundle = load_bundle(cuda_bundles[precision])
+    bundle = open_bundle(cuda_bundles[precision])
     m = bundle.manifest
     device = m["engine"]["device"]
     assert device["name"] == torch.cuda.get_device_name()
@@ -331,7 +332,7 @@ def test_cuda_bundle_matches_the_reference(
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_plain_runs(cuda_bundles: dict[str, Path]) -> None:
-    bundle = load_bundle(cuda_bundles["fp16"])
+    bundle = open_bundle(cuda_bundles["fp16"])
     settings = bundle.manifest["engine"]["settings"]
     assert settings["cuda_graph"] is True
     graphed = AOTInductor("cuda").load(bundle.engine_path, settings)
@@ -371,7 +372,7 @@ def _require_cuda(precision: str) -> None:
 
 @pytest.mark.gpu
 def test_a_cuda_bundle_for_another_gpu_is_refused(cuda_bundles: dict[str, Path]) -> None:
-    m = load_bundle(cuda_bundles["fp32"]).manifest
+    m = open_bundle(cuda_bundles["fp32"]).manifest
     backend = AOTInductor("cuda")
     backend.check_engine(m)  # this GPU, this torch: accepted
     engine = {**m["engine"]}

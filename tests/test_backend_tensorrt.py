@@ -43,8 +43,6 @@ from esr_deploy.errors import (
 from esr_deploy.paths import cache_root
 from esr_deploy.recipe import ShapeProfile
 
-torch.set_num_threads(1)
-
 #: HR sizes (H, W) of Set5 and Set14
 SET5_SET14_HR = [
     (512, 512), (288, 288), (256, 256), (280, 280), (344, 228),  # Set5

@@ -279,9 +279,31 @@ def test_output_folder_that_is_not_a_bundle_is_not_replaced(tmp_path: Path) -> N
     run = esr_deploy("compile", RLFN, "--out", OUT, cwd=tmp_path)
     assert run.code == 2, run.stderr
     assert "Traceback" not in run.stdout + run.stderr, run.stderr
-    for word in ("not empty", "not an engine bundle", "--out"):
+    for word in ("not empty", "not an esr-deploy bundle", "--out"):
         assert word in run.stderr, run.stderr
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert [p.name for p in mine.parent.iterdir()] == ["bundle"]
+
+
+@pytest.mark.parametrize(
+    "stray",
+    ['{"title": "my project"}\n', '{"schema_version": 1, "files": {}}\n'],
+    ids=["any-manifest", "bundle-like-manifest"],
+)
+def test_output_folder_with_a_stray_manifest_is_not_replaced(tmp_path: Path, stray: str) -> None:
+    """A file named manifest.json does not make a folder a bundle: only a manifest that
+    parses as one, in a folder holding nothing it does not list, is replaced."""
+    mine = tmp_path / "out" / "bundle"
+    mine.mkdir(parents=True)
+    (mine / "manifest.json").write_text(stray)
+    (mine / "notes.txt").write_text("mine\n")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in mine.iterdir()}
+    run = esr_deploy("compile", RLFN, "--out", OUT, cwd=tmp_path)
+    assert run.code == 2, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr, run.stderr
+    for word in ("not an esr-deploy bundle", "left untouched", "--out"):
+        assert word in " ".join(one_error(run).split()), run.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in mine.iterdir()} == before
     assert [p.name for p in mine.parent.iterdir()] == ["bundle"]
 
 
@@ -416,9 +438,12 @@ def test_compile_json_manifest_matches_the_bundle(compiled: tuple[Run, Path]) ->
     on_disk = {
         str(p.relative_to(bundle)): sha256(p)
         for p in bundle.rglob("*")
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name not in ("manifest.json", "manifest.sha256")
     }
     assert manifest["files"] == on_disk
+    # the digest pins the bundle: printed (stderr with --json) and recorded beside it
+    digest = (bundle / "manifest.sha256").read_text().strip()
+    assert f"digest: {digest}" in run.stderr and digest.startswith("sha256:")
     assert manifest["engine"]["file"] in on_disk
     assert [p.name for p in bundle.parent.iterdir()] == ["bundle"]  # no staging left
 

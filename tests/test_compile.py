@@ -32,10 +32,11 @@ import torch
 # rootdir-less folder by their basename, with tests/ on sys.path).
 from test_checkpoint import _retag_cuda
 
-from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, REPORT, load_bundle, sha256_file
+from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, REPORT, sha256_file
 from esr_deploy.compiler import CompileOptions, CompileResult, ModelSource, compile_model
 from esr_deploy.data import imresize, load_validation_set, mod_crop, read_image, to_tensor, to_uint8
 from esr_deploy.paths import default_val_dir, example_checkpoint
+from esr_deploy.runtime.bundle_reader import DIGEST_FILE, manifest_digest, open_bundle
 from esr_deploy.targets import require_available
 from esr_deploy.validate.quality import psnr_y
 from esr_deploy.validate.report import REPORT_HTML
@@ -116,8 +117,9 @@ def _assert_complete_bundle(bundle: Path, manifest: dict[str, Any]) -> None:
     pictures = {f["file"] for f in manifest["report_figures"]}
     assert len(pictures) == 4  # comparison and difference pictures of two validation images
     expected = BUNDLE_FILES | {REPORT_HTML} | pictures
-    assert {p.name for p in bundle.iterdir()} == expected | {MANIFEST}
+    assert {p.name for p in bundle.iterdir()} == expected | {MANIFEST, DIGEST_FILE}
     assert set(manifest["files"]) == expected
+    assert (bundle / DIGEST_FILE).read_text().strip() == manifest_digest(manifest)
     for name, digest in manifest["files"].items():
         assert sha256_file(bundle / name) == digest, name
     assert json.loads((bundle / MANIFEST).read_text(encoding="utf-8")) == manifest
@@ -170,7 +172,7 @@ def test_zoo_bundle_serves_in_its_data_range(zoo_bundle: Compiled, sr_data_dir: 
     """A serving team loads the bundle and feeds LR in manifest["data_range"]: it gets the
     validated PSNR; feeding the other range (0..1 vs 0..255) visibly breaks the output."""
     m = zoo_bundle.result.manifest
-    bundle = load_bundle(zoo_bundle.result.bundle)  # verifies every checksum
+    bundle = open_bundle(zoo_bundle.result.bundle)  # verifies every checksum
     _, backend = require_available(m["target"])
     session = backend.load(bundle.engine_path, m["engine"]["settings"])
     data_range = float(m["data_range"])

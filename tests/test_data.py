@@ -20,6 +20,7 @@ from esr_deploy.data import (
     load_validation_set,
     mod_crop,
     read_image,
+    read_source_image,
     to_tensor,
     to_uint8,
 )
@@ -124,6 +125,17 @@ def test_read_float_image_refused(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((4, 4), dtype=np.float32), mode="F").save(tmp_path / "f.tif")
     with pytest.raises(DataError, match="floating-point"):
         read_image(tmp_path / "f.tif")
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif", ".webp"])
+def test_multi_frame_image_refused_not_truncated(tmp_path: Path, suffix: str) -> None:
+    frames = [Image.fromarray(_rgb(8, 8) // (i + 1)) for i in range(3)]
+    path = tmp_path / f"anim{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    for read in (read_image, read_source_image):
+        with pytest.raises(DataError, match="holds 3 frames") as e:
+            read(path)
+        assert str(path) in str(e.value) and "extract the frames" in str(e.value)
 
 
 # ---------------------------------------------------------------------------- imresize

@@ -37,8 +37,6 @@ from esr_deploy.precision.int8 import (
 from esr_deploy.precision.sensitivity import search
 from esr_deploy.recipe import Recipe, ShapeProfile
 
-torch.set_num_threads(1)
-
 
 class TinySR(nn.Module):
     """conv → (lrelu conv)×2 + residual → sigmoid gate (max-pool, resize) → pixel shuffle."""
@@ -272,7 +270,10 @@ def test_ort_lowering_is_exact_and_fuses_into_qlinear_kernels(
     stats,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    result = quantize_int8(fp32_model, lambda t: stats.amax(t, "percentile"))
+    backend = OnnxRuntimeCPU()
+    weight_max = backend.int8_kernels().weight_max  # what this CPU's kernels compute exactly
+    assert weight_max is not None
+    result = quantize_int8(fp32_model, lambda t: stats.amax(t, "percentile"), weight_max=weight_max)
     lowered = lower_int8_activations(result.model)
     inits = {i.name: numpy_helper.to_array(i) for i in lowered.graph.initializer}
     for q in (n for n in lowered.graph.node if n.op_type == "QuantizeLinear"):
@@ -281,7 +282,6 @@ def test_ort_lowering_is_exact_and_fuses_into_qlinear_kernels(
     np.testing.assert_array_equal(_run(lowered, x), _run(result.model, x))  # exact
     path = tmp_path / "model.onnx"
     onnx.save(result.model, str(path))
-    backend = OnnxRuntimeCPU()
     built = backend.build(path, tmp_path, "int8")
     engine = onnx.load(str(tmp_path / built.engine_file))
     ops = [n.op_type for n in engine.graph.node]

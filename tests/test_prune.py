@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from esr_deploy.checkpoint import load_checkpoint, load_weights
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, validate_bundle
+from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.passes.base import PassContext
 from esr_deploy.passes.prune_channels import PruneChannels
 from esr_deploy.recipe import find_recipe
+from esr_deploy.validate.rerun import validate_bundle
 
 C = 8
 CONTEXT = PassContext(data_range=1.0, sample_hw=(16, 16))

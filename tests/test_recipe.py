@@ -134,3 +134,44 @@ def test_bad_user_architecture(arch, args, message) -> None:
 def test_user_architecture_needs_scale_and_range() -> None:
     with pytest.raises(RecipeError, match="--scale and --data-range"):
         recipe_from_arch(f"{__name__}:Doubler", None, scale=None, data_range=1)
+
+
+@pytest.mark.parametrize(
+    ("source", "raised", "line"),
+    [
+        ("import torch\nraise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here", 2),
+        ("from torch import nn\nfrom torch.nn import NoSuchThing\n", "ImportError", 2),
+        (
+            "from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+            "        super().__init__()\n        self.c = nn.Conv2d(3, 3, 3, padding='bogus')\n",
+            "padding",
+            6,
+        ),
+        (
+            "from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+            "        raise KeyError('weights')\n",
+            "KeyError: 'weights'",
+            5,
+        ),
+    ],
+    ids=["import-raises", "import-error-inside", "torch-rejects-argument", "ctor-raises"],
+)
+def test_user_architecture_failures_exit_2_naming_the_line(
+    tmp_path, monkeypatch, source, raised, line
+) -> None:
+    """Any exception raised by the user's module or constructor: exit 2, its message and
+    the file:line in the user's code, no traceback."""
+    from typer.testing import CliRunner
+
+    from esr_deploy.cli import app
+
+    name = f"user_arch_{abs(hash(source)) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(source)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    args = ["compile", "w.pth", "--arch", f"{name}:Net", "--scale", "2", "--data-range", "1"]
+    result = CliRunner().invoke(app, args)
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    assert raised in shown and f"{tmp_path / name}.py:{line}" in shown, result.output

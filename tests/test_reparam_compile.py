@@ -22,6 +22,7 @@ TRAINING_FORMS = ["ecbsr_m4c16_x4", "fmen_train_x4", "rlfn_rep_x4", "repvgg_sr_x
 PARITY_FLOOR_DB = 70.0
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 @pytest.mark.parametrize("name", TRAINING_FORMS)
 def test_training_form_compiles_to_closed_form_deploy(name, tmp_path, sr_data_dir) -> None:
     recipe = find_recipe(name)

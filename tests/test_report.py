@@ -13,7 +13,6 @@ beside them (:mod:`esr_deploy.validate.figures`).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from html.parser import HTMLParser
@@ -25,12 +24,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from user_models import tiny_source
 
-from esr_deploy.bundle import MANIFEST, REPORT, load_bundle
-from esr_deploy.compiler import CompileOptions, CompileResult, ModelSource, compile_model
+from esr_deploy.bundle import MANIFEST, REPORT
+from esr_deploy.compiler import CompileOptions, CompileResult, compile_model
 from esr_deploy.data import ImagePair, imresize, load_validation_set
 from esr_deploy.paths import default_val_dir
 from esr_deploy.recipe import Recipe
+from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import availability, get_target
 from esr_deploy.validate.figures import (
     COMPARISON_IMAGES,
@@ -45,8 +46,6 @@ from esr_deploy.validate.figures import (
     targets_figure,
 )
 from esr_deploy.validate.report import REPORT_HTML, render_html, render_report, write_report
-
-torch.set_num_threads(1)
 
 SCALE = 4
 DATA_RANGE = 255.0
@@ -475,21 +474,9 @@ def test_targets_figure_needs_two_built_targets(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY_ARCH = "user_models.tiny_sr:TinyGatedSR"  # tests/ is on sys.path under pytest
-TINY_ARGS = {"channels": 8, "num_units": 1, "upscale": SCALE}
-
 
 def _tiny_options(tmp: Path, **kw: Any) -> CompileOptions:
-    torch.manual_seed(0)
-    from user_models.tiny_sr import TinyGatedSR
-
-    ckpt = tmp / "tiny.pth"
-    torch.save(TinyGatedSR(**TINY_ARGS).state_dict(), ckpt)
-    source = ModelSource(
-        checkpoint=ckpt, arch=TINY_ARCH, arch_args=json.dumps(TINY_ARGS), scale=SCALE,
-        data_range=1.0,
-    )  # fmt: skip
-    return CompileOptions(source=source, val_dirs=(), **kw)
+    return CompileOptions(source=tiny_source(tmp, SCALE), val_dirs=(), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -503,7 +490,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
 
 
 def _assert_report_files(bundle: Path) -> dict[str, Any]:
-    checked = load_bundle(bundle)  # every checksum holds
+    checked = open_bundle(bundle)  # every checksum holds
     manifest = dict(checked.manifest)
     md = (bundle / REPORT).read_text(encoding="utf-8")
     page = (bundle / REPORT_HTML).read_text(encoding="utf-8")

@@ -32,9 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE = REPO / "esr_deploy" / "backends" / "tensorrt.py"

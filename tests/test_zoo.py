@@ -7,11 +7,11 @@ import functools
 import importlib
 import inspect
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 from PIL import Image
 from torch import nn

@@ -241,6 +241,7 @@ def test_inconsistent_widths_are_recipe_errors(args: dict[str, Any], match: str)
 # --- end to end -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_compiles_to_ort_fp32_with_parity(tmp_path) -> None:
     recipe = find_recipe(NAME)
     lr = calibration_image()

@@ -55,11 +55,11 @@ from esr_deploy.backends.base import (
     ModelBackend,
     ModelBuild,
 )
-from esr_deploy.backends.onnxruntime import cpu_info
 from esr_deploy.backends.tensorrt import cuda_availability, gpu_info
-from esr_deploy.bundle import check_device
+from esr_deploy.cpu import bf16_unavailable_reason, cpu_info
 from esr_deploy.errors import BundleError, DataError, ExportError, ValidationError
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.runtime.bundle_reader import check_device
+from esr_deploy.shapes import ShapeProfile
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -71,8 +71,6 @@ log = logging.getLogger(__name__)
 ENGINE_FILE = "engine.pt2"
 PRECISIONS: Mapping[str, tuple[str, ...]] = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
 LOW_DTYPES: Mapping[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: CPU flags that mean native bf16 arithmetic (AVX-512 BF16 dot products, AMX tiles)
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 INDUCTOR_CONFIGS: Mapping[str, Any] = {"freezing": True}
 MAX_BATCH = 16
 #: How far above the profile's minimum the accepted minimum is searched (pixels).
@@ -80,19 +78,11 @@ MIN_SEARCH = 64
 HW = tuple[int, int]
 
 
-def native_bf16(info: Mapping[str, Any] | None = None) -> Availability:
-    """Whether this CPU computes bf16 natively (``/proc/cpuinfo`` flags, see
-    :data:`BF16_FLAGS`)."""
-    info = info if info is not None else cpu_info()
-    flags = set(info.get("flags", []))
-    if flags & set(BF16_FLAGS):
-        return Availability(True)
-    return Availability(
-        False,
-        f"{info.get('model', 'this CPU')} has no native bf16 arithmetic (neither "
-        f"{' nor '.join(BF16_FLAGS)} among its flags): bf16 would be emulated and slower than "
-        "fp32 — use an fp32 or int8 target here",
-    )
+def native_bf16(have: frozenset[str] | None = None) -> Availability:
+    """Whether this CPU (or one with the flags ``have``) computes bf16 natively
+    (:func:`esr_deploy.cpu.bf16_unavailable_reason`)."""
+    reason = bf16_unavailable_reason(have)
+    return Availability(not reason, reason)
 
 
 def _cpp_compiler() -> str | None:

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esr_deploy.errors import ExportError
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.shapes import ShapeProfile
 
 if TYPE_CHECKING:
     from torch import nn
 
     from esr_deploy.precision.calibration import CalibrationSet
+    from esr_deploy.precision.int8_kernels import Int8Kernels
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,17 @@ class Backend(ABC):
     @abstractmethod
     def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession: ...
 
+    def int8_kernels(self) -> Int8Kernels | None:
+        """What this backend's int8 convolutions do on this CPU (measured), which sets the
+        int8 weights' range; None for runtimes that accumulate in int32 whatever the CPU
+        (TensorRT, the portable hand-off ONNX), whose weights keep the full ±127."""
+        return None
+
     def check_engine(self, manifest: Mapping[str, Any]) -> None:
         """Refuse a bundle's engine that this machine cannot run (raises ``BundleError`` with
         what was expected and what was found). Default: same backend version, and a CPU with
         the ISA flags the engine was optimised for."""
-        from esr_deploy.bundle import check_device
+        from esr_deploy.runtime.bundle_reader import check_device
 
         check_device(manifest, self.version(), self.device())
 

@@ -13,7 +13,9 @@ Precisions:
   ``QLinearConv`` on x86 only for uint8 activations (its u8×s8 kernels), so every activation
   Q/DQ pair with int8 zero point 0 is rewritten to uint8 with zero point 128. This is exact:
   ``clip(round(x/s) + 128, 0, 255) = clip(round(x/s), -128, 127) + 128`` and the DQ subtracts
-  the 128 back. Weights stay int8.
+  the 128 back. Weights stay int8, in the range the u8×s8 kernels compute exactly on this CPU
+  (:meth:`OnnxRuntimeCPU.int8_kernels`: ±127 with VNNI/AMX, ±63 where 16-bit pair sums
+  saturate); an engine whose weights exceed that range is refused at build and at load.
 - ``fp16``: available only where ONNX Runtime has native float16 Conv kernels for this CPU
   (:func:`native_fp16`); on x86 it wraps float16 Convs in Casts to float32, which is slower
   than fp32 and not a float16 engine, so the target is refused with that reason.
@@ -21,9 +23,8 @@ Precisions:
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import platform
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,8 +35,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
+from esr_deploy.cpu import cpu_info, default_threads
 from esr_deploy.errors import BundleError, ExportError
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.precision.int8_kernels import (
+    Int8Kernels,
+    graph_weight_max,
+    measure,
+    weights_problem,
+)
+from esr_deploy.shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 
@@ -46,46 +54,6 @@ except ImportError:  # pragma: no cover - onnxruntime is a core dependency
 
 ENGINE_FILE = "engine.onnx"
 SUPPORTED_PRECISIONS = ("fp32", "int8", "fp16")
-
-
-def default_threads() -> int:
-    """Intra-op threads: the cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model and the ISA flags that matter for ONNX Runtime's kernels."""
-    info: dict[str, Any] = {
-        "kind": "cpu",
-        "machine": platform.machine(),
-        "cores": default_threads(),
-    }
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and "model" not in info:
-            info["model"] = value.strip()
-        elif key == "flags" and "flags" not in info:
-            wanted = (
-                "avx2",
-                "avx512f",
-                "avx512_vnni",
-                "avx512_bf16",
-                "amx_bf16",
-                "amx_int8",
-                "amx_tile",
-                "fma",
-            )
-            flags = set(value.split())
-            info["flags"] = [f for f in wanted if f in flags]
-    return info
 
 
 def lower_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -207,6 +175,8 @@ class OnnxRuntimeCPU(Backend):
             )
         if precision == "fp16":
             return native_fp16()
+        if precision == "int8" and self.int8_kernels().weight_max is None:
+            return Availability(False, self.int8_kernels().reason)
         return Availability(True)
 
     def version(self) -> str:
@@ -224,6 +194,9 @@ class OnnxRuntimeCPU(Backend):
         opts.log_severity_level = 3
         return opts
 
+    def int8_kernels(self) -> Int8Kernels:
+        return _int8_kernels()
+
     def build(
         self,
         onnx_path: Path,
@@ -235,8 +208,11 @@ class OnnxRuntimeCPU(Backend):
         opts = self._options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         opts.optimized_model_filepath = str(bundle_dir / ENGINE_FILE)
         source: str | bytes = str(onnx_path)
+        int8: dict[str, Any] = {}
         if precision == "int8":
-            source = lower_int8_activations(onnx.load(str(onnx_path))).SerializeToString()
+            model = onnx.load(str(onnx_path))
+            int8 = int8_settings(model, self.int8_kernels(), f"building {onnx_path.name}")
+            source = lower_int8_activations(model).SerializeToString()
         try:
             ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
@@ -263,10 +239,12 @@ class OnnxRuntimeCPU(Backend):
                 "intra_op_num_threads": threads,
                 "inter_op_num_threads": 1,
                 "execution_mode": "sequential",
+                **int8,
             },
         )
 
     def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession:
+        check_int8_settings(settings, self.int8_kernels(), engine_path)
         threads = int(settings.get("intra_op_num_threads") or default_threads())
         threads = min(threads, default_threads())
         opts = self._options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -280,3 +258,49 @@ class OnnxRuntimeCPU(Backend):
                 "optimised for the CPU recorded in its manifest; recompile it on this machine."
             ) from exc
         return OrtSession(session)
+
+
+def int8_settings(model: onnx.ModelProto, kernels: Int8Kernels, doing: str) -> dict[str, Any]:
+    """The manifest settings of an int8 engine built from ``model`` on these kernels, or an
+    :class:`ExportError` where its weights exceed the range the kernels compute exactly."""
+    seen = graph_weight_max(model)
+    problem = weights_problem(kernels, seen)
+    if problem:
+        raise ExportError(
+            f"Cannot build an int8 engine here ({doing}) — {problem} — compile the target "
+            "with esr-deploy, which quantises the weights to the range this CPU computes "
+            "exactly, or choose an fp32 target."
+        )
+    return {"int8_weight_max": seen, "int8_kernels": kernels.to_dict()}
+
+
+def check_int8_settings(
+    settings: Mapping[str, Any], kernels: Int8Kernels | None, engine: Path
+) -> None:
+    """Refuse an int8 engine whose weights this CPU's kernels would saturate on."""
+    seen = settings.get("int8_weight_max")
+    if seen is None or kernels is None:
+        return
+    problem = weights_problem(kernels, int(seen))
+    if problem:
+        raise BundleError(
+            f"The int8 engine {engine} would compute wrong values on this CPU — {problem}; "
+            f"it was built where they are exact ({settings.get('int8_kernels', {}).get('why')})"
+            " — recompile the bundle on this machine, which chooses the weight range that is "
+            "exact here."
+        )
+
+
+def _run_lowered(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    lowered = lower_int8_activations(model).SerializeToString()
+    session = ort.InferenceSession(lowered, opts, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
+
+
+@functools.cache
+def _int8_kernels() -> Int8Kernels:
+    return measure(f"ONNX Runtime {ort.__version__}", _run_lowered)

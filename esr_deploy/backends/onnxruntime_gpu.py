@@ -41,7 +41,7 @@ from esr_deploy.backends.tensorrt import (
 )
 from esr_deploy.errors import BundleError, EsrDeployError, ExportError, TargetUnavailable
 from esr_deploy.paths import cache_root
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,15 @@ of the IR:
 
 - ``fp32``: ``INFERENCE_PRECISION_HINT = f32`` (OpenVINO's default on CPUs with bf16 units is
   bf16, so fp32 must be asked for).
-- ``bf16``: ``INFERENCE_PRECISION_HINT = bf16``, on CPUs that OpenVINO reports as bf16-capable
-  (AVX-512 BF16 or AMX). Convolutions multiply bfloat16 values (8-bit mantissa) and
-  accumulate in float32; OpenVINO keeps precision-sensitive ops in float32 itself.
+- ``bf16``: ``INFERENCE_PRECISION_HINT = bf16``, only where bf16 is native (AVX-512 BF16 or
+  AMX-BF16, :func:`esr_deploy.cpu.bf16_unavailable_reason`) and OpenVINO reports it; emulated
+  bf16 is slower than f32 and is not offered. Convolutions multiply bfloat16 values (8-bit
+  mantissa) and accumulate in float32; OpenVINO keeps precision-sensitive ops in float32.
 - ``int8``: the explicit Q/DQ ONNX of :mod:`esr_deploy.precision.int8` (the same file
-  TensorRT builds from). OpenVINO turns each Q/DQ pair into a FakeQuantize and runs the
-  quantised convolutions with int8 kernels (VNNI/AMX); the non-quantised rest runs at the
-  ``bf16`` hint where the CPU has it, else f32 (recorded in the settings).
+  TensorRT builds from, with the weight range that this CPU's kernels compute exactly:
+  :meth:`OpenVinoCPU.int8_kernels`). OpenVINO turns each Q/DQ pair into a FakeQuantize and
+  runs the quantised convolutions with int8 kernels; the non-quantised rest runs at the
+  ``bf16`` hint where bf16 is native, else f32 (recorded in the settings).
 
 Latency hint, one stream, ``INFERENCE_NUM_THREADS`` = the cores this process may use. The
 manifest records the CPU (model and ISA flags) and OpenVINO's capabilities, and a bundle is
@@ -22,6 +24,7 @@ refused on a CPU that lacks the flags it was built for.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,9 +33,11 @@ from typing import Any
 import numpy as np
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
-from esr_deploy.backends.onnxruntime import cpu_info, default_threads
+from esr_deploy.backends.onnxruntime import check_int8_settings, int8_settings
+from esr_deploy.cpu import bf16_unavailable_reason, cpu_info, default_threads
 from esr_deploy.errors import BundleError, ExportError
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.precision.int8_kernels import Int8Kernels, measure
+from esr_deploy.shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,26 @@ def _hint(precision: str, caps: list[str]) -> str:
         return "f32"
     if precision == "bf16":
         return "bf16"
-    return "bf16" if "BF16" in caps else "f32"  # int8: the non-quantised part
+    native = "BF16" in caps and not bf16_unavailable_reason()
+    return "bf16" if native else "f32"  # int8: the non-quantised part
+
+
+def _run_compiled(model: Any, x: np.ndarray) -> np.ndarray:
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(model, str(path))
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+    return np.asarray(next(iter(compiled.create_infer_request().infer({0: x}).values())))
+
+
+@functools.cache
+def _int8_kernels() -> Int8Kernels:
+    return measure(f"OpenVINO {ov.__version__}", _run_compiled)
 
 
 class OpenVinoSession(EngineSession):
@@ -88,6 +112,10 @@ class OpenVinoCPU(Backend):
             return Availability(
                 False, f"{precision} is not an OpenVINO CPU precision here (fp32, bf16, int8)"
             )
+        if precision == "bf16" and bf16_unavailable_reason():
+            return Availability(False, bf16_unavailable_reason())
+        if precision == "int8" and self.int8_kernels().weight_max is None:
+            return Availability(False, self.int8_kernels().reason)
         caps = capabilities()
         if _CAPABILITY[precision] not in caps:
             model = cpu_info().get("model", "this CPU")
@@ -106,6 +134,9 @@ class OpenVinoCPU(Backend):
         info["openvino_capabilities"] = capabilities()
         return info
 
+    def int8_kernels(self) -> Int8Kernels:
+        return _int8_kernels()
+
     def _config(self, hint: str, threads: int) -> dict[str, Any]:
         return {
             "INFERENCE_PRECISION_HINT": hint,
@@ -123,6 +154,12 @@ class OpenVinoCPU(Backend):
     ) -> BuiltEngine:
         threads = default_threads()
         hint = _hint(precision, capabilities())
+        int8: dict[str, Any] = {}
+        if precision == "int8":
+            import onnx
+
+            doing = f"building {onnx_path.name}"
+            int8 = int8_settings(onnx.load(str(onnx_path)), self.int8_kernels(), doing)
         core = ov.Core()
         try:
             model = core.read_model(str(onnx_path))
@@ -146,10 +183,12 @@ class OpenVinoCPU(Backend):
                 "performance_hint": "LATENCY",
                 "num_streams": 1,
                 "inference_num_threads": threads,
+                **int8,
             },
         )
 
     def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession:
+        check_int8_settings(settings, self.int8_kernels(), engine_path)
         threads = min(int(settings.get("inference_num_threads") or 0) or default_threads(),
                       default_threads())  # fmt: skip
         hint = str(settings.get("inference_precision_hint", "f32"))

@@ -25,7 +25,7 @@ import onnx
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
 from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU, OrtSession, cpu_info, cpu_session
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.shapes import ShapeProfile
 
 SUPPORTED_PRECISIONS = ("fp16", "int8")
 

@@ -60,7 +60,7 @@ from esr_deploy.errors import (
     TargetUnavailable,
 )
 from esr_deploy.paths import cache_root
-from esr_deploy.recipe import ShapeProfile
+from esr_deploy.shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 

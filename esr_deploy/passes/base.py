@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from esr_deploy.errors import EsrDeployError, PassError
+from esr_deploy.float64_reference import float32_instability
 from esr_deploy.validate.metrics import ModelMetrics, model_metrics
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,18 @@ class Pass(ABC):
     def run(self, model: nn.Module, context: PassContext) -> PassOutcome: ...
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also copies tensor attributes which are not graph leaves
+    (a weight computed from parameters in ``__init__`` or by a forward pre-hook), as
+    detached clones: ``copy.deepcopy`` refuses those."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def _counts(model: nn.Module, fallback_hw: tuple[int, int]) -> ModelMetrics:
     """Counts at 256×256, or at ``fallback_hw`` for models that accept only other sizes."""
     try:
@@ -148,6 +161,29 @@ class PassManager:
         self.context = context
         self.inputs = list(inputs)
 
+    def _error(
+        self,
+        model: nn.Module,
+        after: Sequence[torch.Tensor],
+        reference: Sequence[torch.Tensor],
+        tolerance: float,
+        name: str,
+    ) -> float:
+        """Largest |after - reference| relative to the output range; inputs on which float32
+        is itself unstable and the pass output is as close to float64 as the reference is
+        (:mod:`esr_deploy.float64_reference`) count at the tolerance, with a log line."""
+        span = _output_range(reference, self.context.data_range)
+        worst = 0.0
+        for x, a, b in zip(self.inputs, after, reference, strict=True):
+            error = float((a - b).abs().max()) / span
+            if error > tolerance:
+                excuse = float32_instability(model, x, b.numpy(), a.numpy(), span, tolerance)
+                if excuse is not None:
+                    log.info("pass %s on a %s input: %s", name, tuple(x.shape), excuse)
+                    error = tolerance
+            worst = max(worst, error)
+        return worst
+
     def run(self, model: nn.Module) -> tuple[nn.Module, list[PassResult]]:
         results: list[PassResult] = []
         model = model.eval()
@@ -157,7 +193,7 @@ class PassManager:
         for p in self.passes:
             done = [r.name for r in results]
             before = ", ".join(done) or "none"
-            candidate = copy.deepcopy(model) if p.in_place else model
+            candidate = copy_model(model) if p.in_place else model
             try:
                 outcome = p.run(candidate, self.context)
             except EsrDeployError:
@@ -168,14 +204,14 @@ class PassManager:
                     f"{type(exc).__name__}: {exc} — skip it with --passes, and please report "
                     "the model."
                 ) from exc
-            new = outcome.model.eval()
+            # a pass that changed nothing hands back its input: the one it was given may carry
+            # side effects of tracing (a forward that assigns module attributes)
+            new = outcome.model.eval() if outcome.modified else model
             error = 0.0
             after = reference
             if outcome.modified:
                 after = _outputs(new, self.inputs)
-                error = max(
-                    float((a - b).abs().max()) for a, b in zip(after, reference, strict=True)
-                ) / _output_range(reference, self.context.data_range)
+                error = self._error(model, after, reference, p.tolerance, p.name)
                 gated, allowed = error, p.tolerance
                 if outcome.border_drift:
                     # the user accepted drift at the image border: gate on the interior

@@ -39,7 +39,6 @@ That *border drift* is measured and reported, and the fold is applied only when 
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 from abc import abstractmethod
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from esr_deploy.passes.base import Pass, PassContext, PassOutcome
+from esr_deploy.passes.base import Pass, PassContext, PassOutcome, copy_model
 
 log = logging.getLogger(__name__)
 
@@ -612,7 +611,7 @@ def _compute_fold(
     gm: fx.GraphModule, analysis: Analysis, region: Region, c_in: int, c_out: int
 ) -> Fold | None:
     r = _radius(gm, analysis, region)
-    sub = _float64(copy.deepcopy(region_module(gm, analysis, region)))
+    sub = _float64(copy_model(region_module(gm, analysis, region)))
     size = 4 * r + 3
     centre = size // 2
     probe = torch.zeros(c_in + 1, c_in, size, size, dtype=torch.float64)

@@ -32,26 +32,37 @@ reports the parameter, FLOP, latency and PSNR change in the manifest.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from esr_deploy.errors import PassError
-from esr_deploy.passes.base import Pass, PassContext, PassOutcome
+from esr_deploy.errors import EsrDeployError, PassError
+from esr_deploy.passes.base import Pass, PassContext, PassOutcome, copy_model
 
 log = logging.getLogger(__name__)
 
 #: Relative output change accepted for an exact removal (float32 summation order only).
 EXACT_REMOVAL = 1e-5
-_OUTPUT = tp.ops.OPTYPE.OUTPUT
-_CONV = tp.ops.OPTYPE.CONV
-_DEPTHWISE = tp.ops.OPTYPE.DEPTHWISE_CONV
+
+
+def _torch_pruning() -> Any:
+    """torch_pruning, imported only when this pass runs (it probes optional packages such as
+    ``timm`` at import, and a broken one must not break compiles that do not prune)."""
+    try:
+        import torch_pruning
+    except Exception as exc:  # ImportError, or anything a broken optional package raises
+        raise EsrDeployError(
+            f"The prune-channels pass needs torch_pruning, which failed to import — "
+            f"{type(exc).__name__}: {exc} — reinstall it (pip install 'torch-pruning>=1.5') "
+            "or fix the package it names, or leave the pass out with --passes "
+            "fold-reparam,fold-bn,fold-identity,merge-linear-chains."
+        ) from exc
+    return torch_pruning
+
 
 Importance = Callable[[list[tuple[nn.Conv2d, list[int]]]], torch.Tensor]
 
@@ -93,18 +104,20 @@ def apply_prune_masks(model: nn.Module) -> list[str]:
 
 
 def _conv_items(group: Any, handler: Callable[..., Any]) -> list[tuple[nn.Conv2d, list[int]]]:
+    optype = _torch_pruning().ops.OPTYPE
     out = []
     for item in group.items:
         dep = item.dep
-        if dep.target.type in (_CONV, _DEPTHWISE) and dep.handler == handler:
+        if dep.target.type in (optype.CONV, optype.DEPTHWISE_CONV) and dep.handler == handler:
             out.append((dep.target.module, [int(i) for i in item.idxs]))
     return out
 
 
 def _why_not_prunable(group: Any) -> str | None:
+    output = _torch_pruning().ops.OPTYPE.OUTPUT
     for item in group.items:
         target = item.dep.target
-        if target.type == _OUTPUT:
+        if target.type == output:
             return "it reaches the network output"
         if isinstance(target.module, nn.PixelShuffle) or "PixelShuffle" in str(target.name):
             return "it passes through a pixel shuffle"
@@ -163,6 +176,7 @@ class PruneChannels(Pass):
     def _exact(
         self, model: nn.Module, sample: torch.Tensor
     ) -> tuple[nn.Module, dict[str, int], list[str]]:
+        tp = _torch_pruning()
         removed: dict[str, int] = {}
         notes: list[str] = []
         done: set[str] = set()
@@ -172,7 +186,7 @@ class PruneChannels(Pass):
                 return model, removed, notes
             name, dead, constant = candidate
             done.add(name)
-            trial = copy.deepcopy(model)
+            trial = copy_model(model)
             conv = trial.get_submodule(name)
             graph = tp.DependencyGraph().build_dependency(trial, example_inputs=sample)
             group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=dead)
@@ -236,6 +250,7 @@ class PruneChannels(Pass):
     def _lossy(
         self, model: nn.Module, sample: torch.Tensor
     ) -> tuple[nn.Module, dict[str, int], list[str]]:
+        tp = _torch_pruning()
         removed: dict[str, int] = {}
         notes: list[str] = []
         handled: set[str] = set()
@@ -311,7 +326,7 @@ def _fold_constants(model: nn.Module, group: Any, sample: torch.Tensor) -> str |
     The constant each consumer sees is measured on ``sample`` (the producer's bias after the
     ops between, e.g. an activation); every consumer must be a 1×1 conv without padding.
     """
-    consumers = _conv_items(group, tp.prune_conv_in_channels)
+    consumers = _conv_items(group, _torch_pruning().prune_conv_in_channels)
     if not consumers:
         return "no conv reads them"
     for conv, _ in consumers:

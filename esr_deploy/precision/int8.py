@@ -11,9 +11,12 @@ can check it in float.
 
 ``amax`` comes from calibration (:mod:`esr_deploy.precision.calibration`: min-max,
 percentile or entropy). **Weights** of Conv/ConvTranspose, per output channel ``c``, narrow
-symmetric range::
+symmetric range ``±M``::
 
-    s_c = max |W_c| / 127,   W_q = clip(round(W / s_c), -127, 127)   (stored as int8 + DQ)
+    s_c = max |W_c| / M,   W_q = clip(round(W / s_c), -M, M)   (stored as int8 + DQ)
+
+``M = 127`` (full range) unless the engine's CPU kernels saturate 16-bit pair sums, where the
+backend asks for ``M = 63`` (:mod:`esr_deploy.precision.int8_kernels`).
 
 Biases stay float32 (TensorRT quantises them itself).
 
@@ -82,12 +85,14 @@ class Int8Result:
     quantized_tensors: int
     int8_weights: int
     scales: Mapping[str, float] = field(default_factory=dict)
+    weight_max: int = INT8_MAX
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "quantized_nodes": len(self.quantized_nodes),
             "quantized_tensors": self.quantized_tensors,
             "int8_weights": self.int8_weights,
+            "weight_range": [-self.weight_max, self.weight_max],
             "kept_float": list(self.excluded),
         }
 
@@ -141,13 +146,15 @@ def sensitivity_candidates(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in quantizable_nodes(model) if n.op_type not in SCALE_PRESERVING_OPS]
 
 
-def _quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_weight(
+    w: np.ndarray, axis: int, weight_max: int = INT8_MAX
+) -> tuple[np.ndarray, np.ndarray]:
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
     amax = np.abs(moved).max(axis=1)
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0)
+    scale = np.where(amax > 0, amax / weight_max, 1.0)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -weight_max, weight_max).astype(np.int8)
     return q, scale.astype(np.float32)
 
 
@@ -155,12 +162,16 @@ def quantize_int8(
     model: onnx.ModelProto,
     amax: Callable[[str], float],
     exclude: Collection[str] = (),
+    weight_max: int = INT8_MAX,
 ) -> Int8Result:
     """Insert Q/DQ into ``model`` (nodes named, see :func:`name_nodes`).
 
     ``amax(tensor)`` is the calibrated clipping threshold of an activation tensor of the
-    fp32 graph; ``exclude`` names nodes kept in float (the sensitivity search's choice).
+    fp32 graph; ``exclude`` names nodes kept in float (the sensitivity search's choice);
+    ``weight_max`` is ``M`` of the weights' range ``±M`` (127, or 63 for saturating CPUs).
     """
+    if not 1 <= weight_max <= INT8_MAX:
+        raise ValueError(f"weight_max must be in [1, {INT8_MAX}], got {weight_max}")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         raise ExportError(
@@ -255,7 +266,7 @@ def quantize_int8(
             index, axis = WEIGHTED_OPS[node.op_type]
             wname = node.input[index]
             w = numpy_helper.to_array(init_by_name[wname])
-            q, sc = _quantize_weight(w, axis)
+            q, sc = _quantize_weight(w, axis, weight_max)
             qname = f"{node.name}_weight_int8"
             inits += [
                 numpy_helper.from_array(q, qname),
@@ -305,4 +316,5 @@ def quantize_int8(
         quantized_tensors=len(quantized),
         int8_weights=int8_weights,
         scales={t: scales[t] for t in quantized},
+        weight_max=weight_max,
     )

@@ -277,6 +277,7 @@ def deploy_spec(recipe_name_or_model: str | nn.Module | Any) -> DeploySpec:
     from esr_deploy.errors import RecipeError
     from esr_deploy.recipe import Recipe, find_recipe, import_arch
 
+    cls: Any
     if isinstance(recipe_name_or_model, nn.Module):
         cls = type(recipe_name_or_model)
         args: Mapping[str, Any] = getattr(recipe_name_or_model, "arch_args", {})

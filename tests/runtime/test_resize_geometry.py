@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from esr_deploy.backends.onnxruntime import cpu_session
-from esr_deploy.resize_geometry import ResizeGeometry, explicit_resize, rewritable
-from esr_deploy.tiling import Tile, plan_tiles, receptive_field, run_tiled
+from esr_deploy.runtime.resize_geometry import ResizeGeometry, explicit_resize, rewritable
+from esr_deploy.runtime.tiling import Tile, plan_tiles, receptive_field, run_tiled
 
 
 def _esa_graph(mode: str = "linear") -> onnx.ModelProto:

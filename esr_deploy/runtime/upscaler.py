@@ -2,16 +2,16 @@
 
 ``esr_deploy.load(bundle).upscale(image)`` and ``esr-deploy upscale`` both go through
 :class:`Upscaler`. An image is run **untiled** when it fits the engine's shape profile and the
-memory budget; otherwise it is cut into tiles (:mod:`esr_deploy.tiling`) whose overlap is the
-network's receptive field, computed from the bundle's fp32 ONNX graph, so that the stitched
-result equals the untiled one to float rounding:
+memory budget; otherwise it is cut into tiles (:mod:`esr_deploy.runtime.tiling`) whose
+overlap is the network's receptive field, computed from the bundle's fp32 ONNX graph, so that
+the stitched result equals the untiled one to float rounding:
 
 - convolutional networks: exactly so, with windows aligned to the strided ops' grid;
 - networks that resize to a size read from the image (RLFN's and RFDN's ESA): their Resize
   nodes sample at positions that depend on the image size, so a tile of another size would
   sample elsewhere whatever the overlap (48–51 dB on Set14's baboon). For engines that ONNX
   Runtime runs from an ONNX graph (``ort-*``), tiles run that graph with those Resize nodes
-  given the whole image's sampling positions (:mod:`esr_deploy.resize_geometry`), which is
+  given the whole image's sampling positions (:mod:`esr_deploy.runtime.resize_geometry`), which is
   exact; for other engines tiling is approximate and says so;
 - networks that average over the whole image (IMDN's contrast attention): no tile can
   reproduce them; refused unless the caller asks for tiles explicitly.
@@ -43,7 +43,6 @@ import numpy as np
 import onnx
 
 from esr_deploy.backends.base import EngineSession
-from esr_deploy.bundle import REFERENCE_ONNX, Bundle, load_bundle
 from esr_deploy.data import (
     IMAGE_EXTENSIONS,
     SourceImage,
@@ -54,9 +53,10 @@ from esr_deploy.data import (
 )
 from esr_deploy.errors import DataError, EsrDeployError, OutputError, TilingError
 from esr_deploy.progress import NullProgress, Progress
-from esr_deploy.resize_geometry import ResizeGeometry, explicit_resize, rewritable
+from esr_deploy.runtime.bundle_reader import Bundle, open_bundle
+from esr_deploy.runtime.resize_geometry import ResizeGeometry, explicit_resize, rewritable
+from esr_deploy.runtime.tiling import ReceptiveField, Tile, plan_tiles, receptive_field, run_tiled
 from esr_deploy.targets import require_available
-from esr_deploy.tiling import ReceptiveField, Tile, plan_tiles, receptive_field, run_tiled
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +236,11 @@ class Upscaler:
 
         ``tile``: force tiles of this core size (LR pixels); ``overlap``: override the
         receptive field (LR pixels per side). Raises :class:`TilingError` when tiles are
-        needed but cannot reproduce the untiled output and ``tile`` was not given.
+        needed but cannot reproduce the untiled output and ``tile`` was not given. An image
+        smaller than the network's minimum input is planned at that minimum: :meth:`run`
+        mirrors it up to it and crops the output back.
         """
+        height, width = max(height, self.min_hw[0]), max(width, self.min_hw[1])
         budget = max_memory if max_memory is not None else self.max_memory
         radius = (overlap, overlap) if overlap is not None else self.field.radius
         if tile is None:
@@ -297,8 +300,7 @@ class Upscaler:
         plan = plan or self.plan(h, w)
         mh, mw = self.min_hw
         if h < mh or w < mw:  # padded (mirrored) to the minimum size, cropped back after
-            lr = np.pad(lr, ((0, 0), (0, 0), (0, max(0, mh - h)), (0, max(0, mw - w))), "symmetric")
-            plan = self.plan(*lr.shape[2:])
+            lr = _mirror_up(lr, mh, mw)
         if plan.tiled:
             image_hw = (lr.shape[2], lr.shape[3])
 
@@ -339,6 +341,13 @@ class Upscaler:
     def _upscale_source(
         self, source: SourceImage, plan: TilePlan, on_tile: Callable[[], None] | None
     ) -> SourceImage:
+        if source.rgb.dtype.kind == "f" and not np.isfinite(source.rgb).all():
+            bad = int(np.count_nonzero(~np.isfinite(source.rgb)))
+            raise DataError(
+                f"cannot upscale an image with {bad} NaN or infinite values (of "
+                f"{source.rgb.size}) — the network would return NaN there; replace them "
+                "(e.g. numpy.nan_to_num) or clip the image to 0..1 first"
+            )
         fmt = PixelFormat.of(source.rgb)
         lr = source.rgb.transpose(2, 0, 1)[None].astype(np.float32)
         if fmt.peak != self.data_range:
@@ -502,11 +511,28 @@ def _engine_graph(bundle: Bundle, reference: onnx.ModelProto) -> onnx.ModelProto
     if m.get("precision") == "int8" and m.get("precision_onnx"):
         from esr_deploy.backends.onnxruntime import lower_int8_activations
 
-        return lower_int8_activations(onnx.load(str(bundle.path / m["precision_onnx"]["onnx"])))
+        return lower_int8_activations(onnx.load(str(bundle.file(m["precision_onnx"]["onnx"]))))
     return None
 
 
+def _mirror_up(lr: np.ndarray, min_h: int, min_w: int) -> np.ndarray:
+    """``lr`` (N×C×H×W) mirrored at its bottom/right edges up to ``min_h × min_w``; mirroring
+    repeats when the image is thinner than the padding (a 1-pixel-wide image repeats its
+    column)."""
+    while lr.shape[2] < min_h or lr.shape[3] < min_w:
+        pad_h = min(max(0, min_h - lr.shape[2]), lr.shape[2])
+        pad_w = min(max(0, min_w - lr.shape[3]), lr.shape[3])
+        lr = np.pad(lr, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), "symmetric")
+    return lr
+
+
 def _as_source(array: np.ndarray) -> SourceImage:
+    array = np.asarray(array)
+    if array.size == 0:
+        raise DataError(
+            f"cannot upscale an empty array (shape {array.shape}) — give an image of at least "
+            "1×1 pixels"
+        )
     if array.ndim == 2:
         return SourceImage(np.repeat(array[:, :, None], 3, axis=2), None, grey=True)
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
@@ -530,17 +556,24 @@ def _as_array(result: SourceImage, like: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def load(bundle: str | Path, max_memory: int | None = None, verify: bool = True) -> Upscaler:
-    """Load an engine bundle for upscaling (checksums, backend version and CPU checked).
+def load(
+    bundle: str | Path,
+    max_memory: int | None = None,
+    verify: bool = True,
+    digest: str | None = None,
+) -> Upscaler:
+    """Load an engine bundle for upscaling through the strict reader
+    (:func:`esr_deploy.runtime.bundle_reader.open_bundle`: paths, checksums, facts), with
+    the backend version and CPU checked.
 
     ``max_memory``: bytes one engine call may use (default: half of the memory available
-    now); larger images are tiled.
+    now); larger images are tiled. ``digest``: the ``sha256:…`` the caller pinned.
     """
-    loaded = load_bundle(bundle, verify=verify)
+    loaded = open_bundle(bundle, digest=digest, verify=verify)
     manifest = loaded.manifest
     _, backend = require_available(manifest["target"])
     backend.check_engine(manifest)
     session = backend.load(loaded.engine_path, manifest["engine"]["settings"])
-    graph = onnx.load(str(loaded.path / manifest.get("reference_onnx", REFERENCE_ONNX)))
+    graph = onnx.load(str(loaded.file(manifest["reference_onnx"])))
     budget = max_memory or int(DEFAULT_MEMORY_FRACTION * available_memory())
     return Upscaler(loaded, session, graph, budget, _engine_graph(loaded, graph))

@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 
 import esr_deploy
 from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU
-from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, SCHEMA_VERSION
+from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, SCHEMA_VERSION, sha256_file
 from esr_deploy.cli import app
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.data import imresize, read_image, read_source_image, write_image
 from esr_deploy.errors import DataError, TilingError
 from esr_deploy.paths import example_checkpoint
-from esr_deploy.serving import Upscaler, bytes_per_lr_pixel, load
+from esr_deploy.runtime.upscaler import Upscaler, bytes_per_lr_pixel, load
 from esr_deploy.validate.quality import psnr
 
 SCALE = 2
@@ -89,9 +89,15 @@ def _write_bundle(
         "schema_version": SCHEMA_VERSION,
         "name": "tiny_sr",
         "target": "ort-fp32",
+        "precision": "fp32",
+        "backend": backend.name,
         "scale": SCALE,
         "data_range": 255.0,
         "color_order": "RGB",
+        "layout": "NCHW",
+        "inputs": [{"name": "lr", "dtype": "float32", "shape": ["N", 3, "H", "W"]}],
+        "outputs": [{"name": "sr", "dtype": "float32", "shape": ["N", 3, "H*2", "W*2"]}],
+        "checkpoint": {},
         "reference_onnx": REFERENCE_ONNX,
         "export": {"input_range": {"min_hw": list(min_hw)}},
         "profile": {"min": list(min_hw), "opt": [64, 64], "max": list(max_hw)},
@@ -101,7 +107,11 @@ def _write_bundle(
             "device": backend.device(),
             "settings": {"intra_op_num_threads": 1},
         },
-        "files": {},
+        "passes": [],
+        "metrics": {},
+        "validation": {},
+        "latency_ms": {},
+        "files": {name: sha256_file(folder / name) for name in (REFERENCE_ONNX, "engine.onnx")},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     return folder
@@ -270,6 +280,31 @@ def test_image_smaller_than_the_minimum_is_padded_and_cropped(tmp_path: Path) ->
     assert np.array_equal(out, up.upscale(padded)[:14, :18])
 
 
+def test_thin_image_is_mirrored_up_as_promised(tmp_path: Path) -> None:
+    """3000×1 with a 15×15 minimum: mirrored up to 15 wide (the column repeats), tiled along
+    its length, cropped back; equal to upscaling the mirrored image."""
+    up = load(_write_bundle(tmp_path / "b", min_hw=(15, 15), max_hw=(256, 256)))
+    img = np.random.default_rng(4).integers(0, 256, (3000, 1, 3), dtype=np.uint8)
+    out = up.upscale(img)
+    assert out.shape == (6000, 2, 3)
+    mirrored = np.repeat(img, 15, axis=1)
+    assert np.array_equal(out, up.upscale(mirrored)[:, :2])
+
+
+def test_empty_and_non_finite_arrays_are_refused(tiny: Upscaler) -> None:
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5), np.float32)):
+        with pytest.raises(DataError, match="empty array"):
+            tiny.upscale(empty)
+    bad = np.full((8, 8, 3), 0.5, np.float32)
+    for value in (np.nan, -np.inf):
+        image = bad.copy()
+        image[2, 3, 1] = value
+        with pytest.raises(DataError, match="1 NaN or infinite values"):
+            tiny.upscale(image)
+    with pytest.raises(DataError, match="192 NaN"):
+        tiny.upscale(np.full((8, 8, 3), np.nan, np.float32))
+
+
 def test_global_attention_refuses_inexact_tiles(tmp_path: Path, real_lr: np.ndarray) -> None:
     up = load(_write_bundle(tmp_path / "gap", global_pool=True, max_hw=(40, 64)))
     assert up.field.global_nodes == ("attention_gap",) and not up.field.exact
@@ -358,6 +393,7 @@ def rlfn(tmp_path_factory: pytest.TempPathFactory) -> Upscaler:
     return load(result.bundle)
 
 
+@pytest.mark.slow  # an end-to-end compile or emulation: make test runs it, test-fast skips it
 def test_rlfn_tiled_matches_untiled_on_a_real_image(
     rlfn: Upscaler, sr_data_dir: Path, record_property: Any
 ) -> None:

@@ -1,4 +1,4 @@
-"""The latency regression gate (``esr_deploy.validate.regression`` and ``esr-deploy bench``).
+"""The latency regression gate (``esr_deploy.gate`` and ``esr-deploy bench``).
 
 - Statistics: :func:`ratio_interval` / :func:`baseline_interval` on synthetic timings whose
   true ratio is known: no false alarm on equal or noisy timings, a clear slowdown found, seeded.
@@ -7,7 +7,7 @@
   the same network (identity, horizontal, vertical and both flips of the input, each output
   flipped back, averaged) — 4× the convolutions, as a real (if costly) SR deployment does —
   built into an engine by the ONNX Runtime backend and written with checksums through
-  :class:`StagedBundle`, so it passes :func:`load_bundle`. The gate then runs through the real
+  :class:`StagedBundle`, so it passes :func:`open_bundle`. The gate then runs through the real
   CLI in a subprocess. The slowdown is about 4×, far beyond the 10% margin, so the verdicts
   do not depend on the timing noise of a shared 2-core machine.
 """
@@ -26,20 +26,16 @@ from onnx import helper, numpy_helper
 # The CLI helpers of the command-line tests (tests/ is on sys.path, see test_compile.py).
 from test_cli import Run, assert_refused, esr_deploy, one_error
 
-from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, StagedBundle, load_bundle
+from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, StagedBundle
 from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.errors import EXIT_BAD_INPUT, EXIT_VALIDATION_FAILED, EsrDeployError
+from esr_deploy.gate.options import parse_max_regression
+from esr_deploy.gate.report import BenchReport, EngineTiming, LatencyRegression
+from esr_deploy.gate.statistics import baseline_interval, ratio_interval
 from esr_deploy.paths import example_checkpoint
+from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import require_available
 from esr_deploy.validate.latency import LatencyStats
-from esr_deploy.validate.regression import (
-    BenchReport,
-    EngineTiming,
-    LatencyRegression,
-    baseline_interval,
-    parse_max_regression,
-    ratio_interval,
-)
 
 SHAPE = "64x64"
 KEY = "1x3x64x64"
@@ -301,7 +297,7 @@ def bench(*args: object, cwd: Path, runs: int = RUNS) -> Run:
 
 
 def test_slow_bundle_is_genuine_and_does_more_work(fast: Path, slow: Path) -> None:
-    fast_bundle, slow_bundle = load_bundle(fast), load_bundle(slow)  # checksums verified
+    fast_bundle, slow_bundle = open_bundle(fast), open_bundle(slow)  # checksums verified
     assert slow_bundle.manifest["files"].keys() == fast_bundle.manifest["files"].keys()
 
     def convs(bundle_dir: Path) -> int:

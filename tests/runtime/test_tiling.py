@@ -22,11 +22,9 @@ from esr_deploy.export import InputRange, export_onnx
 from esr_deploy.precision.fp16 import convert_fp16
 from esr_deploy.precision.int8 import name_nodes, quantize_int8
 from esr_deploy.recipe import find_recipe
-from esr_deploy.tiling import ReceptiveField, Tile, plan_tiles, receptive_field, run_tiled
+from esr_deploy.runtime.tiling import ReceptiveField, Tile, plan_tiles, receptive_field, run_tiled
 from esr_deploy.zoo.imdn import IMDN
 from esr_deploy.zoo.rlfn import RLFN
-
-torch.set_num_threads(1)
 
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64

@@ -42,7 +42,6 @@ from esr_deploy.compiler import (
     CompileResult,
     ModelSource,
     compile_model,
-    validate_bundle,
 )
 from esr_deploy.cpu import cpu_info
 from esr_deploy.errors import BundleError, DataError, TargetUnavailable
@@ -52,6 +51,7 @@ from esr_deploy.recipe import find_recipe
 from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.shapes import ShapeProfile
 from esr_deploy.targets import availability, get_target
+from esr_deploy.validate.rerun import validate_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the test models are imported from the repo root

@@ -14,8 +14,8 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu bench throughput cpu-bench precision upscale-bench \
-	ray-bench zoo reparam prune lint clean
+.PHONY: install demo test test-fast test-gpu gpu-check bench throughput cpu-bench precision \
+	upscale-bench ray-bench zoo reparam prune lint clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test-fast: install
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# on a machine with PyTorch+CUDA and no package index (bench/gpu_prepare.sh first, elsewhere):
+# the AOTInductor GPU tests and bench/gpu.py with the system python3
+gpu-check:
+	bash bench/gpu.sh
 
 bench: install
 	$(BIN)/python bench/cpu.py

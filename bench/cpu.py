@@ -3,9 +3,9 @@ target, side by side in one run.
 
 Per model (official checkpoint): eager training form fp32, eager deploy form fp32 (after the
 default passes), eager deploy form with bf16 autocast and channels_last, ``torch.compile``
-of the same (bf16, channels_last), an AOTInductor package of the same (``torch.export`` +
-``aoti_compile_and_package``: what a serving process would load without the model code),
-and the engine of every CPU target available here
+of the same (bf16, channels_last), and the engine of every CPU target available here
+(the ``aoti-cpu-*`` targets are the AOTInductor packages a serving process loads without the
+model code)
 (compiled and validated on Set5 as ``esr-deploy compile --target auto`` does each candidate:
 every target held to auto's 0.02 dB PSNR-Y budget), plus what ``--target auto`` picks among
 them. All are timed interleaved (one run of each in turn, repeated) at 256×256
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -36,14 +37,14 @@ from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, load
 from esr_deploy.export import derive_input_range
 from esr_deploy.loading.checkpoint import load_checkpoint
 from esr_deploy.loading.keys import load_weights
-from esr_deploy.recipe import find_recipe
+from esr_deploy.recipe import Recipe, find_recipe
 from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.latency import measure_interleaved
 from esr_deploy.validate.parity import evaluate_set
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("ESR_SHARED", REPO.parent / "shared"))
 CHECKPOINTS = {"rlfn_x4": "rlfn_x4.pth", "imdn_x4": "imdn_x4.pth", "fmen_x4": "fmen_ntire2022.pth"}
 SHAPES = ((256, 256), (720, 1280))
 
@@ -64,44 +65,9 @@ def _fp32(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-class _Autocast(torch.nn.Module):
-    """The deploy form under bf16 autocast, channels_last in, float32 out (exported whole)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x.contiguous(memory_format=torch.channels_last)).float()
-
-
-def _aoti_bf16(model: torch.nn.Module, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An AOTInductor package (``torch.export`` + ``aoti_compile_and_package``, freezing on):
-    the deploy form under bf16 autocast, dynamic H×W from 21 pixels (below that RLFN's ESA
-    pools to 1×1, which export special-cases)."""
-    from torch.export import Dim
-
-    x = torch.rand(1, 3, 64, 64) * 255
-    dims = {"x": {2: Dim.DYNAMIC(min=21, max=4096), 3: Dim.DYNAMIC(min=21, max=4096)}}
-    with torch.inference_mode():
-        program = torch.export.export(_Autocast(model).eval(), (x,), dynamic_shapes=dims)
-    path = torch._inductor.aoti_compile_and_package(
-        program, package_path=str(folder / "rlfn_bf16.pt2"), inductor_configs={"freezing": True}
-    )
-    runner = torch._inductor.aoti_load_package(path)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            y = runner(x)
-            return y[0] if isinstance(y, (list, tuple)) else y
-
-    return run
-
-
-def bench_model(
-    name: str, runs: int, large_runs: int, compiled: bool, targets: tuple[str, ...]
-) -> list[dict]:
+def load_models(name: str) -> tuple[Path, Recipe, torch.nn.Module, torch.nn.Module]:
+    """The official checkpoint of zoo model ``name``, its recipe, the training form and the
+    deploy form after the default passes (verified on Set5)."""
     weights = SHARED / "weights" / CHECKPOINTS[name]
     recipe = find_recipe(name)
     model = recipe.build_model()
@@ -111,6 +77,14 @@ def bench_model(
     deploy, _ = run_passes(
         model, recipe, derive_input_range(model, recipe.scale), set5, None, False
     )
+    return weights, recipe, model, deploy
+
+
+def bench_model(
+    name: str, runs: int, large_runs: int, compiled: bool, targets: tuple[str, ...]
+) -> list[dict]:
+    weights, recipe, model, deploy = load_models(name)
+    set5 = load_sets([SHARED / "data" / "sr" / "Set5"], recipe.scale)
     # Module.to(memory_format=...) converts the parameters in place: copy first, so that the
     # fp32 rows keep the contiguous weights they would have
     deploy_cl = copy.deepcopy(deploy).to(memory_format=torch.channels_last)
@@ -119,12 +93,10 @@ def bench_model(
         "eager deploy form fp32": _fp32(deploy),
         "eager bf16 channels_last": _bf16(deploy_cl),
     }
-    aoti_dir = tempfile.TemporaryDirectory()
     if compiled:
         torch_fns["torch.compile bf16 channels_last"] = _bf16(
             torch.compile(deploy_cl, dynamic=True)  # type: ignore[arg-type]
         )
-        torch_fns["AOTInductor bf16 package"] = _aoti_bf16(deploy, Path(aoti_dir.name))
     rows: list[dict] = []
     runners: dict[str, Callable[[np.ndarray], object]] = {}
     for label, fn in torch_fns.items():
@@ -177,7 +149,6 @@ def bench_model(
         rows.append({"variant": "auto", "chosen": auto["variant"]})
     for r in rows:
         r["model"] = name
-    aoti_dir.cleanup()
     return rows
 
 
@@ -190,12 +161,13 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=["rlfn_x4"])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument(
-        "--targets", nargs="*", default=list(AUTO_CANDIDATES), help="esr-deploy targets to time"
+        "--targets",
+        nargs="*",
+        default=[*AUTO_CANDIDATES, "aoti-cpu-bf16", "aoti-cpu-fp32"],
+        help="esr-deploy targets to time",
     )
     parser.add_argument("--large-runs", type=int, default=3)
-    parser.add_argument(
-        "--no-compile", action="store_true", help="skip torch.compile and AOTInductor"
-    )
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
     out = REPO / "bench" / "out"
     out.mkdir(exist_ok=True)

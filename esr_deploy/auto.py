@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 #: CPU targets ``auto`` considers, most promising first (the order only breaks exact ties).
+#: The ``aoti-cpu-*`` targets are not among them: an AOTInductor compile adds about a minute
+#: per target on 2 cores, and they were slower than ``ov-bf16`` at 256×256 here (README);
+#: ``--auto-candidates`` can name them.
 AUTO_CANDIDATES = ("ov-int8", "ort-int8", "ov-bf16", "ov-fp32", "ort-fp32")
 AUTO_RUNS = 7
 #: PSNR-Y drop budget (dB) every candidate must meet, unless --max-drop says otherwise.

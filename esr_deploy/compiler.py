@@ -26,7 +26,7 @@ from torch import nn
 
 from esr_deploy import __version__
 from esr_deploy.auto import AUTO, compile_auto
-from esr_deploy.backends.base import Backend, EngineSession
+from esr_deploy.backends.base import Backend, EngineSession, ModelBackend, ModelBuild
 from esr_deploy.bundle import (
     REFERENCE_ONNX,
     REPORT,
@@ -346,7 +346,11 @@ def scratch_engine(
     exported = export_onnx(
         model, folder / "model.onnx", recipe.scale, recipe.data_range, input_range=input_range
     )
-    built = backend.build(exported.path, folder, "fp32", engine_profile(recipe, input_range))
+    profile = engine_profile(recipe, input_range)
+    if isinstance(backend, ModelBackend):
+        built = backend.build_model(model, folder, "fp32", profile, None, []).engine
+    else:
+        built = backend.build(exported.path, folder, "fp32", profile)
     return backend.load(folder / built.engine_file, built.settings), exported
 
 
@@ -387,7 +391,7 @@ def reduce_precision(
     calib = calibration_set(options.precision.calib_dir, sets, recipe, profile.min)
     out = folder / PRECISION_ONNX
     if target.precision == "fp16":
-        inputs = [model_input(p.lr, recipe).numpy() for s in sets for p in s.pairs]
+        inputs = validation_inputs(sets, recipe)
         return make_fp16(fp32_onnx, out, calib, inputs, options.precision, progress)
 
     def accept(candidate: Int8Result) -> tuple[bool, str]:
@@ -405,6 +409,31 @@ def reduce_precision(
     return make_int8(
         fp32_onnx, out, calib, options.precision, accept, progress, backend.int8_kernels()
     )
+
+
+def validation_inputs(sets: Sequence[ValidationSet], recipe: Recipe) -> list[np.ndarray]:
+    """Every validation LR image as a model input (float32 1×3×H×W)."""
+    return [model_input(p.lr, recipe).numpy() for s in sets for p in s.pairs]
+
+
+def build_from_model(
+    backend: ModelBackend,
+    model: nn.Module,
+    folder: Path,
+    target: Target,
+    recipe: Recipe,
+    sets: Sequence[ValidationSet],
+    profile: ShapeProfile,
+    options: CompileOptions,
+) -> ModelBuild:
+    """The engine of a backend that compiles the PyTorch deploy form (AOTInductor); reduced
+    precision calibrates on the same images as the ONNX precision passes."""
+    calib = None
+    if target.precision != "fp32":
+        assert profile.min is not None, "the exporter derives the minimum input first"
+        calib = calibration_set(options.precision.calib_dir, sets, recipe, profile.min)
+    inputs = validation_inputs(sets, recipe)
+    return backend.build_model(model, folder, target.precision, profile, calib, inputs)
 
 
 def build_manifest(
@@ -528,24 +557,29 @@ def compile_model(
                 for s in sets
             ]
 
-        source, precision_info = export.path, None
-        if target.precision in PRECISION_ONNX_PRECISIONS:
-            reduced = reduce_precision(
-                target,
-                backend,
-                staged.dir,
-                export.path,
-                recipe,
-                sets,
-                engine_profile(recipe, input_range),
-                check,
-                options,
-                progress,
+        profile = engine_profile(recipe, input_range)
+        if isinstance(backend, ModelBackend):  # compiles the PyTorch deploy form, not the ONNX
+            model_build = build_from_model(
+                backend, deploy, staged.dir, target, recipe, sets, profile, options
             )
-            source, precision_info = reduced.path, reduced.info
-        built = backend.build(
-            source, staged.dir, target.precision, engine_profile(recipe, input_range)
-        )
+            built, precision_info = model_build.engine, model_build.precision_info
+        else:
+            source, precision_info = export.path, None
+            if target.precision in PRECISION_ONNX_PRECISIONS:
+                reduced = reduce_precision(
+                    target,
+                    backend,
+                    staged.dir,
+                    export.path,
+                    recipe,
+                    sets,
+                    profile,
+                    check,
+                    options,
+                    progress,
+                )
+                source, precision_info = reduced.path, reduced.info
+            built = backend.build(source, staged.dir, target.precision, profile)
         engine_info = {
             "file": built.engine_file,
             "backend_version": built.backend_version,
@@ -601,7 +635,7 @@ def compile_model(
         )
         manifest["batch"] = batch
         if precision_info is not None:
-            manifest["precision_onnx"] = precision_info
+            manifest["precision_onnx"] = dict(precision_info)
         pruning = pruning_report(
             deployed, options, results, backend, recipe, input_range, shapes, session
         )

@@ -57,6 +57,26 @@ TARGETS: tuple[Target, ...] = (
         "ONNX Runtime TensorRT provider, float16 ONNX",
         "tensorrt",
     ),
+    Target(
+        "aoti-cpu-fp32", "aoti", "fp32", "AOTInductor package (.pt2) for this CPU, float32", "cpu"
+    ),
+    Target(
+        "aoti-cpu-bf16",
+        "aoti",
+        "bf16",
+        "AOTInductor package for this CPU, bfloat16 where safe (native bf16 CPUs)",
+        "cpu",
+    ),
+    Target(
+        "aoti-cuda-fp32", "aoti", "fp32", "AOTInductor package for this CUDA GPU, float32", "cuda"
+    ),
+    Target(
+        "aoti-cuda-fp16",
+        "aoti",
+        "fp16",
+        "AOTInductor package for this CUDA GPU, float16 where the ranges allow",
+        "cuda",
+    ),
 )
 
 _BACKEND_CLASSES = {
@@ -65,6 +85,7 @@ _BACKEND_CLASSES = {
     "tensorrt": "TensorRT",
     "onnxruntime_gpu": "OnnxRuntimeGPU",
     "openvino": "OpenVinoCPU",
+    "aoti": "AOTInductor",
 }
 
 

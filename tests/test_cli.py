@@ -232,7 +232,9 @@ def test_unknown_target(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("target", ["trt-fp16", "trt-int8", "ort-cuda-fp32", "ort-trt-fp16"])
+@pytest.mark.parametrize(
+    "target", ["trt-fp16", "trt-int8", "ort-cuda-fp32", "ort-trt-fp16", "aoti-cuda-fp16"]
+)
 def test_unavailable_target_fails_before_any_work(tmp_path: Path, target: str) -> None:
     status = availability(get_target(target))
     if status.ok:

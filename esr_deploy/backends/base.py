@@ -8,16 +8,20 @@ without any of them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from esr_deploy.errors import ExportError
 from esr_deploy.shapes import ShapeProfile
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from esr_deploy.precision.calibration import CalibrationSet
     from esr_deploy.precision.int8_kernels import Int8Kernels
 
 
@@ -91,3 +95,42 @@ class Backend(ABC):
         from esr_deploy.runtime.bundle_reader import check_device
 
         check_device(manifest, self.version(), self.device())
+
+
+@dataclass(frozen=True)
+class ModelBuild:
+    """What a :class:`ModelBackend` built: the engine, and for reduced precision what stayed
+    in float32 and why (the manifest's ``precision_onnx`` section, which the report shows)."""
+
+    engine: BuiltEngine
+    precision_info: Mapping[str, Any] | None = None
+
+
+class ModelBackend(Backend):
+    """A backend that compiles the PyTorch deploy form itself (AOTInductor), not the ONNX.
+
+    The compiler hands it the model, the shape profile, the calibration images (for reduced
+    precision) and the validation inputs (to check reduced precision stays in range)."""
+
+    @abstractmethod
+    def build_model(
+        self,
+        model: nn.Module,
+        bundle_dir: Path,
+        precision: str,
+        profile: ShapeProfile,
+        calibration: CalibrationSet | None,
+        check_inputs: Sequence[np.ndarray],
+    ) -> ModelBuild: ...
+
+    def build(
+        self,
+        onnx_path: Path,
+        bundle_dir: Path,
+        precision: str,
+        profile: ShapeProfile | None = None,
+    ) -> BuiltEngine:
+        raise ExportError(
+            f"The {self.name} backend compiles the PyTorch model, not an ONNX file — "
+            f"{onnx_path.name} cannot be built — compile the checkpoint with esr-deploy compile."
+        )

@@ -194,13 +194,16 @@ def _precision(p: Mapping[str, Any] | None) -> Section | None:
             f" (statistics {'read from the cache' if cal['from_cache'] else 'measured'})",
         )
     ]
-    if p["precision"] == "fp16":
-        kept = p["fp16"]["kept_float32"]
+    if p["precision"] in ("fp16", "bf16"):
+        # the fp16 ONNX, or a torch graph with the same rules (AOTInductor: "low_precision")
+        torch_graph = "low_precision" in p
+        kept = (p["low_precision"] if torch_graph else p["fp16"])["kept_float32"]
+        prefix = "" if torch_graph else "fp16_"
         items.append(
             (
                 0,
-                f"largest |x| of a float16 tensor on the validation images: "
-                f"{p['fp16_max_abs_on_validation']:.4g} (`{p['fp16_max_abs_tensor']}`)",
+                f"largest |x| of a {p['precision']} tensor on the validation images: "
+                f"{p[prefix + 'max_abs_on_validation']:.4g} (`{p[prefix + 'max_abs_tensor']}`)",
             )
         )
         items.append((0, f"ops kept in float32: {len(kept) or 'none'}"))
@@ -224,7 +227,8 @@ def _precision(p: Mapping[str, Any] | None) -> Section | None:
                 (1, f"{s['kept_float']}: {'pass' if s['passed'] else 'fail'} ({s['detail']})")
                 for s in search["steps"]
             ]
-    return Section(f"Precision: {p['precision']} (`{p['onnx']}`)", (Bullets(tuple(items)),))
+    source = p["onnx"] if "onnx" in p else "torch.export graph"
+    return Section(f"Precision: {p['precision']} (`{source}`)", (Bullets(tuple(items)),))
 
 
 def _export(m: Mapping[str, Any]) -> Section:

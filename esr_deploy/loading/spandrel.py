@@ -4,8 +4,8 @@
 ComfyUI) inspects the keys and shapes of a state dict and infers the architecture and its
 hyperparameters (SPAN, Real-ESRGAN's SRVGG "Compact", OmniSR, SAFMN, PLKSR, DITN, ESRGAN
 and many more). esr-deploy offers it the tensors it already read with ``weights_only``
-loading (:mod:`esr_deploy.loading.checkpoint`) when no zoo recipe matches: spandrel sees plain tensors
-and builds its own classes from them, so nothing from the file is executed.
+loading (:mod:`esr_deploy.loading.checkpoint`) when no zoo recipe matches: spandrel sees
+plain tensors and builds its own classes from them, so nothing from the file is executed.
 
 A match becomes a :class:`~esr_deploy.recipe.Recipe` whose architecture is
 :func:`build_spandrel` with the class's qualified name and the hyperparameters spandrel

@@ -47,6 +47,7 @@ from esr_deploy.data import IMAGE_EXTENSIONS, ValidationSet, read_image
 from esr_deploy.errors import DataError
 from esr_deploy.paths import cache_root
 from esr_deploy.precision import DEFAULT_PERCENTILE, METHODS
+from esr_deploy.precision.int8 import float_tensors
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import Recipe
 from esr_deploy.validate.parity import model_input
@@ -160,19 +161,6 @@ class ActivationStats:
 
     def amax(self, name: str, method: str, percentile: float = DEFAULT_PERCENTILE) -> float:
         return threshold(self.tensors[name], method, percentile)
-
-
-def float_tensors(model: onnx.ModelProto) -> list[str]:
-    """The graph input(s) and every node output whose inferred type is float32."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {
-        v.name: v.type.tensor_type.elem_type
-        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    }
-    initializers = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in initializers]
-    names += [o for n in model.graph.node for o in n.output if o]
-    return [n for n in dict.fromkeys(names) if types.get(n) == onnx.TensorProto.FLOAT]
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> bytes:

@@ -109,15 +109,31 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def float_tensors(model: onnx.ModelProto) -> list[str]:
+    """The graph input(s) and every node output whose inferred type is float32."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
+    initializers = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    names += [o for n in model.graph.node for o in n.output if o]
+    return [n for n in dict.fromkeys(names) if types.get(n) == onnx.TensorProto.FLOAT]
+
+
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes the pass would quantise with nothing excluded (see the module docstring)."""
     initializers = {i.name for i in model.graph.initializer}
     constants = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    floats = set(float_tensors(model))
     out = []
     for node in model.graph.node:
         if node.op_type not in QUANTIZABLE_OPS:
             continue
         data = _data_inputs(node)
+        if any(i not in floats and i not in initializers and i not in constants for i in data):
+            continue  # shape arithmetic (a Concat of Shape outputs, say): not activations
         if node.op_type in WEIGHTED_OPS:
             if len(node.input) < 2 or node.input[1] not in initializers:
                 continue  # weights computed at run time: left float

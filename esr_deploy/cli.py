@@ -65,9 +65,9 @@ def _run(fn: Callable[[], T], json_output: bool = False) -> T:
         err.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
     except Exception as exc:  # the user's model code may raise anything, anywhere
-        from esr_deploy.targets import COMPILE_SIDE
+        from esr_deploy.targets import missing_compile_side
 
-        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in COMPILE_SIDE:
+        if missing_compile_side(exc):
             raise  # a runtime-only install: main() says what to install
         from esr_deploy.loading.user_code import user_code_error
 
@@ -753,10 +753,10 @@ def main() -> None:
         code = exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
         raise SystemExit(code) from None
     except ModuleNotFoundError as exc:
-        from esr_deploy.targets import COMPILE_SIDE
+        from esr_deploy.targets import missing_compile_side
 
-        missing = (exc.name or "").split(".")[0]
-        if missing not in COMPILE_SIDE:
+        missing = missing_compile_side(exc)
+        if missing is None:
             raise
         err.print(
             f"[bold red]error:[/] this command needs the compile side of esr-deploy, and "

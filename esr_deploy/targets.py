@@ -112,12 +112,21 @@ def backend_for(target: Target) -> Backend:
 COMPILE_SIDE = frozenset({"torch", "onnxsim", "onnxscript", "torch_pruning"})
 
 
+def missing_compile_side(exc: BaseException) -> str | None:
+    """The compile-side package whose absence raised ``exc`` (a runtime-only install), else
+    None."""
+    if not isinstance(exc, ModuleNotFoundError):
+        return None
+    root = (exc.name or "").split(".")[0]
+    return root if root in COMPILE_SIDE else None
+
+
 def availability(target: Target) -> Availability:
     try:
         backend = backend_for(target)
     except ModuleNotFoundError as exc:
-        missing = (exc.name or "").split(".")[0]
-        if missing not in COMPILE_SIDE:
+        missing = missing_compile_side(exc)
+        if missing is None:
             raise
         return Availability(
             False,

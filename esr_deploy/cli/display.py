@@ -85,7 +85,7 @@ def info_table(title: str, info: Mapping[str, Any]) -> Table:
     """``inspect``: one row per key, values as text (escaped: they come from the file)."""
     table = Table(title=escape(title), show_header=False)
     table.add_column("key")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     for key, value in info.items():
         table.add_row(key, escape(_cell(key, value)))
     return table

@@ -386,3 +386,67 @@ def test_passes_none_records_no_pass(tmp_path: Path) -> None:
 def test_contradictory_options_are_refused_before_any_work(tmp_path: Path, args, words) -> None:
     run = esr_deploy("compile", RLFN, *args, "--out", OUT, cwd=tmp_path)
     assert_refused(run, 2, words, tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# compile --profile, and the typed request the options map onto
+# --------------------------------------------------------------------------------------
+
+
+def test_profile_prints_the_stage_times_the_manifest_records(compiled: tuple[Run, Path]) -> None:
+    run, bundle = compiled
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    seconds = manifest.get("compile_seconds")
+    if seconds is None:  # a pipeline that records no stage timings: said, not invented
+        assert "records no stage timings" in run.stderr, run.stderr
+        return
+    table = run.stderr.split("compile stages (wall time)")[1]
+    for stage, value in seconds.items():
+        row = next(line for line in table.splitlines() if f" {stage} " in line)
+        assert f"{value:.2f}" in row, (stage, row)
+
+
+def test_profile_table_shares_add_up() -> None:
+    from rich.console import Console
+
+    from esr_deploy.cli.display import profile_table
+
+    console = Console(width=80, record=True, color_system=None)
+    console.print(profile_table({"load": 1.0, "export": 3.0, "total": 4.0}))
+    text = console.export_text()
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in text.splitlines()]
+    rows = {c[0]: c[1:] for c in cells if c}
+    assert (rows["load"], rows["export"], rows["total"]) == (
+        ["1.00", "25%"],
+        ["3.00", "75%"],
+        ["4.00", "100%"],
+    )
+
+
+def test_options_map_onto_the_compile_request(tmp_path: Path) -> None:
+    from esr_deploy.cli.compile import CompileFlags, compile_options
+    from esr_deploy.compiling import CompileOptions
+    from esr_deploy.errors import EsrDeployError
+    from esr_deploy.loading.detect import ModelSource
+    from esr_deploy.precision.apply import PrecisionOptions
+
+    source, precision = ModelSource(RLFN), PrecisionOptions()
+    flags = CompileFlags(
+        "auto", [tmp_path], tmp_path / "b", ["64x48"], 3, 1, False, " fold-bn, none ", 0.5,
+        None, True, 0.1, "ov-fp32,ort-fp32", "dynamo",
+    )  # fmt: skip
+    options = compile_options(source, flags, precision)
+    assert options == CompileOptions(
+        source=source, target="auto", exporter="dynamo", val_dirs=(tmp_path,),
+        out=tmp_path / "b", latency_shapes=((64, 48),), latency_runs=3, large_runs=1,
+        passes=("fold-bn", "none"), accept_border_drift=True, prune_ratio=0.5, prune_to=None,
+        precision=precision, max_psnr_drop=0.1, auto_candidates=("ov-fp32", "ort-fp32"),
+    )  # fmt: skip
+    defaults = CompileFlags("ort-fp32", None, None, None, 10, 2, True, "none", None, None,
+                            False, None, None, "auto")  # fmt: skip
+    options = compile_options(source, defaults, precision)
+    assert (options.latency_shapes, options.passes, options.auto_candidates) == ((), (), None)
+    bad = CompileFlags("ort-fp32", None, None, ["64"], 10, 2, False, None, None, None,
+                       False, None, None, "auto")  # fmt: skip
+    with pytest.raises(EsrDeployError, match="--latency-shape '64' is not a shape"):
+        compile_options(source, bad, precision)

@@ -196,7 +196,7 @@ def require_available(name: str) -> tuple[Target, Backend]:
     target = get_target(name)
     status = availability(target)
     if not status.ok:
-        usable = [t.name for t in TARGETS if availability(t).ok]
+        usable = [t.name for t, a in availability_all() if a.ok]
         raise TargetUnavailable(
             f"Target '{name}' cannot run on this machine — {status.reason}. — Targets "
             f"available here: {', '.join(usable) or 'none'}."

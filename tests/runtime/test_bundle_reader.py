@@ -224,6 +224,14 @@ def _missing_metrics(r: Received) -> None:
     r.edit(lambda m: m.pop("metrics"))
 
 
+def _newer_schema(r: Received) -> None:
+    r.edit(lambda m: m.__setitem__("schema_version", 2))
+
+
+def _engine_file_not_a_name(r: Received) -> None:
+    r.edit(lambda m: m["engine"].__setitem__("file", 7))
+
+
 def _external_data(r: Received, location: str) -> None:
     """Move the fp32 ONNX's first weight to external data at ``location`` (the graph file is
     re-listed with its new checksum, as a careful attacker would)."""
@@ -284,6 +292,9 @@ CASES: dict[str, tuple[Callable[[Received], None], list[str]]] = {
     "layout edited": (_layout_edited, ["the layout is 'NHWC'"]),
     "export missing": (_missing_export, ["required key 'export' is missing"]),
     "metrics missing": (_missing_metrics, ["required key 'metrics' is missing"]),
+    "newer schema": (_newer_schema, ["schema_version 2", "reads schema version(s) 1",
+                                     "upgrade esr-deploy"]),  # fmt: skip
+    "engine file not a name": (_engine_file_not_a_name, ["'engine.file' is int, not str"]),
     "external data outside": (_external_data_outside, ["'../secret.txt'", "contains '..'"]),
     "external data absolute": (_external_data_absolute, ["is an absolute path"]),
     "external data unlisted": (_external_data_unlisted, ["'weights.bin' is not listed"]),

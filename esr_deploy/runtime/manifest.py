@@ -355,6 +355,7 @@ class Manifest(Mapping[str, Any]):
     recipe: Mapping[str, Any] | None
     precision_onnx: PrecisionOnnx | None
     pruning: Mapping[str, Any] | None
+    batch: Mapping[str, Any] | None  # batch range, batch-vs-single parity, throughput
     auto: Auto | None
     compile_seconds: Mapping[str, float] | None  # {stage: s, ..., "total": s}
     created: str | None
@@ -400,6 +401,7 @@ class Manifest(Mapping[str, Any]):
             recipe=s.value("recipe", dict, False),
             precision_onnx=PrecisionOnnx.read(precision_onnx) if precision_onnx else None,
             pruning=s.value("pruning", dict, False),
+            batch=s.value("batch", dict, False),
             auto=Auto.read(auto) if auto else None,
             compile_seconds=_seconds(seconds) if seconds else None,
             created=s.value("created", str, False),

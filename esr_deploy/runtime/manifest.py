@@ -26,6 +26,7 @@ Torch-free: a serving process imports this without the compile side.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -223,13 +224,20 @@ class Export:
 
     min_hw: HW
     batch: BatchRange | None
+    exporter: str | None = None
+    opset: int | None = None
+    simplified: bool | None = None
+    max_abs_error: float | None = None  # ONNX vs PyTorch, relative to the data range
 
     @classmethod
     def read(cls, s: _Section) -> Export:
         min_hw = s.require("input_range").hw("min_hw")
         assert min_hw is not None  # required
         batch = s.section("batch", required=False)
-        return cls(min_hw, BatchRange.read(batch) if batch else None)
+        return cls(min_hw, BatchRange.read(batch) if batch else None,
+                   s.value("exporter", str, False), s.value("opset", int, False),
+                   s.value("simplified", bool, False),
+                   s.value("max_abs_error", _NUMBER, False))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -239,18 +247,29 @@ class SetValidation:
 
     images: int | None
     psnr_drop: float | None
+    reference_psnr_y: float | None
     engine_psnr_y: float | None
+    reference_ssim_y: float | None
+    engine_ssim_y: float | None
     parity_min_psnr: float | None
+    passed: bool | None
     required: Mapping[str, Any] | None
 
     @classmethod
     def read(cls, s: _Section) -> SetValidation:
+        def number(key: str) -> float | None:
+            return s.value(key, _NUMBER, False)  # type: ignore[no-any-return]
+
         return cls(
-            s.value("images", int, False),
-            s.value("psnr_drop", _NUMBER, False),
-            s.value("engine_psnr_y", _NUMBER, False),
-            s.value("parity_min_psnr", _NUMBER, False),
-            s.value("required", dict, False),
+            images=s.value("images", int, False),
+            psnr_drop=number("psnr_drop"),
+            reference_psnr_y=number("reference_psnr_y"),
+            engine_psnr_y=number("engine_psnr_y"),
+            reference_ssim_y=number("reference_ssim_y"),
+            engine_ssim_y=number("engine_ssim_y"),
+            parity_min_psnr=number("parity_min_psnr"),
+            passed=s.value("passed", bool, False),
+            required=s.value("required", dict, False),
         )
 
 
@@ -259,11 +278,14 @@ class Latency:
     """Latency at one input shape, in ms."""
 
     median: float
+    p10: float | None
+    p90: float | None
     runs: int | None
 
     @classmethod
     def read(cls, s: _Section) -> Latency:
-        return cls(float(s.value("median", _NUMBER)), s.value("runs", int, False))
+        return cls(float(s.value("median", _NUMBER)), s.value("p10", _NUMBER, False),
+                   s.value("p90", _NUMBER, False), s.value("runs", int, False))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -284,6 +306,7 @@ class Auto:
 
     chosen: str
     reason: str
+    max_psnr_drop: float | None
     candidates: tuple[Mapping[str, Any], ...]
     peers: tuple[Mapping[str, Any], ...]
 
@@ -292,6 +315,7 @@ class Auto:
         return cls(
             s.value("chosen", str),
             s.value("reason", str, False, ""),
+            s.value("max_psnr_drop", _NUMBER, False),
             tuple(s.list_of("candidates", dict, False) or ()),
             tuple(s.list_of("peers", dict, False) or ()),
         )
@@ -358,7 +382,9 @@ class Manifest(Mapping[str, Any]):
     batch: Mapping[str, Any] | None  # batch range, batch-vs-single parity, throughput
     auto: Auto | None
     compile_seconds: Mapping[str, float] | None  # {stage: s, ..., "total": s}
+    report_figures: tuple[Mapping[str, Any], ...]  # {"file", "kind", "image", "caption"}
     created: str | None
+    esr_deploy_version: str | None
     _json: dict[str, Any] = field(repr=False)
 
     @classmethod
@@ -404,9 +430,25 @@ class Manifest(Mapping[str, Any]):
             batch=s.value("batch", dict, False),
             auto=Auto.read(auto) if auto else None,
             compile_seconds=_seconds(seconds) if seconds else None,
+            report_figures=tuple(s.list_of("report_figures", dict, False) or ()),
             created=s.value("created", str, False),
+            esr_deploy_version=s.value("esr_deploy_version", str, False),
             _json=data,
         )
+
+    @classmethod
+    def built(cls, obj: Mapping[str, Any], where: str) -> Manifest:
+        """A manifest esr-deploy itself built (about to be written), read as a bundle's reader
+        will read it (after a JSON round trip): a refusal here is a bug in esr-deploy, raised
+        as :class:`RuntimeError`, never a manifest the runtime would refuse written."""
+        try:
+            return cls.from_json(json.loads(json.dumps(dict(obj))), where)
+        except BundleError as exc:
+            seen = str(exc).split(" — ")[0]
+            raise RuntimeError(
+                f"esr-deploy built a manifest its own reader refuses ({seen}) — a bug in "
+                "esr-deploy: please report it with this message."
+            ) from exc
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object this manifest was read from, unknown keys included (a copy)."""

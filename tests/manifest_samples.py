@@ -34,9 +34,13 @@ _SAMPLE: dict[str, Any] = {
     "passes": [],
     "metrics": {"params": 10},
     "validation": {
-        "Set5": {"images": 5, "engine_psnr_y": 30.0, "psnr_drop": 0.001,
-                 "parity_min_psnr": 90.0,
-                 "required": {"parity_min_psnr": 60.0, "max_psnr_drop": 0.01}},
+        "Set5": {
+            "images": 5,
+            "engine_psnr_y": 30.0,
+            "psnr_drop": 0.001,
+            "parity_min_psnr": 90.0,
+            "required": {"parity_min_psnr": 60.0, "max_psnr_drop": 0.01},
+        },
     },  # fmt: skip
     "latency_ms": {"1x3x64x64": {"median": 1.5, "p10": 1.4, "p90": 1.7, "runs": 10}},
     "files": {"engine.onnx": "a" * 64, "model.fp32.onnx": "b" * 64},

@@ -61,6 +61,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 _PROBE_MIN = 16  # smallest LR side of the scale probe
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
+
 @dataclass(frozen=True)
 class Bundle:
     """An opened bundle: its folder, its checked manifest and its digest."""

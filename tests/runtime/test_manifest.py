@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from manifest_samples import sample_manifest
-from test_bundle_reader import SCALE, compiled  # noqa: F401 (the module's one real compile)
+from tiny_bundle import SCALE
 
 from esr_deploy.compiler import CompileResult
 from esr_deploy.errors import BundleError
@@ -23,7 +23,7 @@ from esr_deploy.runtime.bundle_reader import (
 from esr_deploy.runtime.manifest import READABLE_VERSIONS, SCHEMA_VERSION, Manifest
 
 
-def test_a_real_bundle_round_trips_exactly(compiled: CompileResult) -> None:  # noqa: F811
+def test_a_real_bundle_round_trips_exactly(compiled: CompileResult) -> None:
     """The manifest compile wrote: read, typed, and written back to the same JSON and digest."""
     on_disk = json.loads((compiled.bundle / MANIFEST).read_text())
     m = read_manifest(compiled.bundle)

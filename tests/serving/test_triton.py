@@ -259,8 +259,9 @@ def test_tensorrt_plan_config_from_profiles() -> None:
     def bundle(max_batch: int) -> Bundle:
         profile = {"min": [1, 3, 16, 16], "opt": [max_batch, 3, 256, 256],
                    "max": [max_batch, 3, 1080, 1920]}  # fmt: skip
-        manifest = sample_manifest(target="trt-fp32", backend="tensorrt", export={
-            "input_range": {"min_hw": [16, 16]}})  # no batch: the profiles say it
+        manifest = sample_manifest(
+            target="trt-fp32", backend="tensorrt", export={"input_range": {"min_hw": [16, 16]}}
+        )  # no batch: the profiles say it
         manifest["engine"]["settings"] = {"profiles": [profile]}
         return Bundle(Path("."), Manifest.from_json(manifest), "sha256:" + "0" * 64)
 

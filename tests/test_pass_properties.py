@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from esr_deploy.passes import FoldReparam
+from esr_deploy.passes.affine_ops import count_convs
 from esr_deploy.passes.base import PassContext
-from esr_deploy.passes.linear_region import count_convs
 
 RTOL = 1e-9
 SETTINGS = settings(

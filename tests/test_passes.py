@@ -33,8 +33,8 @@ from esr_deploy.passes import (
     MergeLinearChains,
     build_passes,
 )
+from esr_deploy.passes.affine_ops import count_convs, trace
 from esr_deploy.passes.base import Pass, PassContext, PassManager, PassOutcome
-from esr_deploy.passes.linear_region import count_convs, trace
 from esr_deploy.recipe import recipe_from_arch
 
 REPO = Path(__file__).resolve().parent.parent

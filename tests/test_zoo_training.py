@@ -58,7 +58,7 @@ def odd_input(name: str) -> torch.Tensor:
 
 class _WritableProxy(fx.Proxy):
     """Plain fx proxies refuse ``t[i] = v``; record it as ``operator.setitem`` (as the
-    pipeline's tracer in ``esr_deploy.passes.linear_region`` does)."""
+    pipeline's tracer in ``esr_deploy.passes.affine_ops`` does)."""
 
     def __setitem__(self, index: object, value: object) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})

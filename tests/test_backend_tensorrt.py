@@ -21,17 +21,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from esr_deploy.backends.onnxruntime import cpu_session
 from esr_deploy.backends.onnxruntime_gpu import OnnxRuntimeGPU
-from esr_deploy.backends.tensorrt import (
-    ENGINE_FILE,
+from esr_deploy.backends.tensorrt import ENGINE_FILE, TensorRT, TensorRTOptions, timing_cache_path
+from esr_deploy.backends.tensorrt_compat import check_gpu_engine, check_onnx_precision
+from esr_deploy.backends.tensorrt_profiles import (
     FALLBACK_MIN_HW,
     ProfileShapes,
-    TensorRT,
-    TensorRTOptions,
-    check_gpu_engine,
-    check_onnx_precision,
     optimization_profiles,
     select_profile,
-    timing_cache_path,
 )
 from esr_deploy.errors import (
     BundleError,
@@ -220,7 +216,7 @@ def test_other_gpu_model_of_same_capability_only_warns(
 ) -> None:
     l40 = {"kind": "gpu", "name": "NVIDIA L40S", "compute_capability": "8.9"}
     rtx = {"kind": "gpu", "name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
-    with caplog.at_level(logging.WARNING, logger="esr_deploy.backends.tensorrt"):
+    with caplog.at_level(logging.WARNING, logger="esr_deploy.backends.tensorrt_compat"):
         check_gpu_engine(_engine_entry(l40), rtx, "10.13.0.35")
     assert "L40S" in caplog.text and "RTX 4090" in caplog.text
 

@@ -37,6 +37,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -328,97 +329,127 @@ def comparison_figures(
     """Draw the comparison and the difference picture of each pair into ``out_dir``; see
     the module docstring. ``reference`` and ``engine`` are run on the whole LR image."""
     records: list[dict[str, Any]] = []
-    scale, data_range = recipe.scale, recipe.data_range
-    where = f" ({set_name})" if set_name else ""
     for index, pair in enumerate(pairs, start=1):
         x = model_input(pair.lr, recipe)
         with torch.no_grad():
             ref = model_output(reference(x), recipe)
         eng = model_output(engine(x.numpy()), recipe)
-        box = detail_crop(pair.hr, scale)
-        y0, x0, h, w = box
-        zoom = max(1, PANEL // max(h, w))
-
-        def crop(img: np.ndarray, y0: int = y0, x0: int = x0, h: int = h, w: int = w) -> Any:
-            return img[y0 : y0 + h, x0 : x0 + w]
-
-        panels = [
-            (f"bicubic (LR x{scale})", bicubic_crop(pair.lr, scale, box)),
-            ("PyTorch reference", crop(to_uint8(ref, data_range))),
-            (engine_label, crop(to_uint8(eng, data_range))),
-            ("HR", crop(pair.hr)),
-        ]
-        where_crop = f"{w}×{h} HR crop at x={x0}, y={y0}"
-        title = f"{pair.name}: {where_crop} (most detailed region), enlarged x{zoom}"
-        picture, boxes = _compose(title, [(label, _enlarge(p, zoom)) for label, p in panels])
-        name = _safe_name(pair.name)
-        compare_file = f"compare-{index}-{name}.png"
-        picture.save(out_dir / compare_file, format="PNG")
-        records.append(
-            {
-                "file": compare_file,
-                "kind": "comparison",
-                "image": pair.name,
-                "set": set_name,
-                "caption": (
-                    f"{pair.name}{where}: {where_crop} (the most detailed region: largest "
-                    f"luma gradient energy), enlarged ×{zoom} with nearest-neighbour. "
-                    f"Left to right: MATLAB-bicubic ×{scale} upscaling of the LR crop, the "
-                    f"PyTorch reference (training form), the {engine_label}, HR."
-                ),
-                "crop": {"x": x0, "y": y0, "width": w, "height": h},
-                "zoom": zoom,
-                "panels": boxes,
-            }
-        )
-
-        diff = abs_difference(eng, ref, data_range)
-        gain = difference_gain(diff)
-        full = 255.0 / gain
-        most, crop_most = float(diff.max()), float(crop(diff).max())
-        overview, how = _overview(diff, gain, box)
-        gain_text = _format_gain(gain)
-        heat_panels = [
-            (f"|engine - reference| x{gain_text}, crop", _enlarge(_heat(crop(diff), gain), zoom)),
-            (f"whole image ({how}), crop outlined", overview),
-        ]
-        bar_width = max(PAD + sum(p.shape[1] + PAD for _, p in heat_panels) - 2 * PAD, 300)
-        bar = _colour_bar(
-            bar_width,
-            gain,
-            [
-                f"colour = |engine - reference| (max over RGB, 0..255 units) x{gain_text}",
-                f"max |engine - reference|: {most:.3g} (image), {crop_most:.3g} (crop)",
-            ],
-        )
-        picture, boxes = _compose(f"{pair.name}: difference to the reference", heat_panels, bar)
-        diff_file = f"difference-{index}-{name}.png"
-        picture.save(out_dir / diff_file, format="PNG")
-        records.append(
-            {
-                "file": diff_file,
-                "kind": "difference",
-                "image": pair.name,
-                "set": set_name,
-                "caption": (
-                    f"|engine − reference| on {pair.name}{where} (maximum over RGB, 0..255 "
-                    f"units), amplified ×{gain_text} so that the {PERCENTILE:g}th percentile "
-                    f"maps to about full scale: black = 0, yellow-white ≥ {full:.3g} (colour "
-                    f"bar in the picture). Maximum abs difference {most:.3g} over the image, "
-                    f"{crop_most:.3g} in the crop (left, enlarged ×{zoom}); right: the whole "
-                    f"image ({how}) with the crop outlined."
-                ),
-                "gain": gain,
-                "full_scale": full,
-                "max_abs_difference": most,
-                "crop_max_abs_difference": crop_most,
-                "crop": {"x": x0, "y": y0, "width": w, "height": h},
-                "zoom": zoom,
-                "panels": boxes,
-            }
-        )
-        log.debug("report figures for %s: gain %s, max |e - r| %.3g", pair.name, gain, most)
+        view = _CropView.of(pair, recipe.scale, index, set_name)
+        records.append(_comparison(out_dir, view, pair, ref, eng, recipe, engine_label))
+        records.append(_difference(out_dir, view, abs_difference(eng, ref, recipe.data_range)))
     return records
+
+
+@dataclass(frozen=True)
+class _CropView:
+    """Where one pair's pictures look: the most detailed HR crop, its zoom, the file names."""
+
+    image: str
+    set_name: str | None
+    box: tuple[int, int, int, int]  # y0, x0, h, w in HR pixels
+    zoom: int
+    stem: str  # "<index>-<safe name>"
+
+    @classmethod
+    def of(cls, pair: ImagePair, scale: int, index: int, set_name: str | None) -> _CropView:
+        box = detail_crop(pair.hr, scale)
+        zoom = max(1, PANEL // max(box[2], box[3]))
+        return cls(pair.name, set_name, box, zoom, f"{index}-{_safe_name(pair.name)}")
+
+    def crop(self, img: np.ndarray) -> Any:
+        y0, x0, h, w = self.box
+        return img[y0 : y0 + h, x0 : x0 + w]
+
+    @property
+    def where(self) -> str:
+        return f" ({self.set_name})" if self.set_name else ""
+
+    @property
+    def where_crop(self) -> str:
+        y0, x0, h, w = self.box
+        return f"{w}×{h} HR crop at x={x0}, y={y0}"
+
+    def record(self, file: str, kind: str, caption: str, **fields: Any) -> dict[str, Any]:
+        """A figure's entry in the report: ``fields`` go between the caption and the crop."""
+        y0, x0, h, w = self.box
+        head = {"file": file, "kind": kind, "image": self.image, "set": self.set_name}
+        crop = {"x": x0, "y": y0, "width": w, "height": h}
+        return {**head, "caption": caption, **fields, "crop": crop, "zoom": self.zoom}
+
+
+def _comparison(
+    out_dir: Path,
+    view: _CropView,
+    pair: ImagePair,
+    ref: np.ndarray,
+    eng: np.ndarray,
+    recipe: Recipe,
+    engine_label: str,
+) -> dict[str, Any]:
+    """Bicubic, reference, engine and HR side by side on the crop, enlarged."""
+    scale, data_range, zoom = recipe.scale, recipe.data_range, view.zoom
+    panels = [
+        (f"bicubic (LR x{scale})", bicubic_crop(pair.lr, scale, view.box)),
+        ("PyTorch reference", view.crop(to_uint8(ref, data_range))),
+        (engine_label, view.crop(to_uint8(eng, data_range))),
+        ("HR", view.crop(pair.hr)),
+    ]
+    title = f"{pair.name}: {view.where_crop} (most detailed region), enlarged x{zoom}"
+    picture, boxes = _compose(title, [(label, _enlarge(p, zoom)) for label, p in panels])
+    compare_file = f"compare-{view.stem}.png"
+    picture.save(out_dir / compare_file, format="PNG")
+    caption = (
+        f"{pair.name}{view.where}: {view.where_crop} (the most detailed region: largest "
+        f"luma gradient energy), enlarged ×{zoom} with nearest-neighbour. "
+        f"Left to right: MATLAB-bicubic ×{scale} upscaling of the LR crop, the "
+        f"PyTorch reference (training form), the {engine_label}, HR."
+    )
+    return {**view.record(compare_file, "comparison", caption), "panels": boxes}
+
+
+def _difference(out_dir: Path, view: _CropView, diff: np.ndarray) -> dict[str, Any]:
+    """``|engine - reference|`` as a heat map: the crop enlarged, and the whole image with
+    the crop outlined, at the gain of :func:`difference_gain`."""
+    gain = difference_gain(diff)
+    full = 255.0 / gain
+    most, crop_most = float(diff.max()), float(view.crop(diff).max())
+    overview, how = _overview(diff, gain, view.box)
+    gain_text = _format_gain(gain)
+    heat_panels = [
+        (
+            f"|engine - reference| x{gain_text}, crop",
+            _enlarge(_heat(view.crop(diff), gain), view.zoom),
+        ),
+        (f"whole image ({how}), crop outlined", overview),
+    ]
+    bar_width = max(PAD + sum(p.shape[1] + PAD for _, p in heat_panels) - 2 * PAD, 300)
+    bar = _colour_bar(
+        bar_width,
+        gain,
+        [
+            f"colour = |engine - reference| (max over RGB, 0..255 units) x{gain_text}",
+            f"max |engine - reference|: {most:.3g} (image), {crop_most:.3g} (crop)",
+        ],
+    )
+    picture, boxes = _compose(f"{view.image}: difference to the reference", heat_panels, bar)
+    diff_file = f"difference-{view.stem}.png"
+    picture.save(out_dir / diff_file, format="PNG")
+    caption = (
+        f"|engine − reference| on {view.image}{view.where} (maximum over RGB, 0..255 "
+        f"units), amplified ×{gain_text} so that the {PERCENTILE:g}th percentile "
+        f"maps to about full scale: black = 0, yellow-white ≥ {full:.3g} (colour "
+        f"bar in the picture). Maximum abs difference {most:.3g} over the image, "
+        f"{crop_most:.3g} in the crop (left, enlarged ×{view.zoom}); right: the whole "
+        f"image ({how}) with the crop outlined."
+    )
+    log.debug("report figures for %s: gain %s, max |e - r| %.3g", view.image, gain, most)
+    fields = {
+        "gain": gain,
+        "full_scale": full,
+        "max_abs_difference": most,
+        "crop_max_abs_difference": crop_most,
+    }
+    return {**view.record(diff_file, "difference", caption, **fields), "panels": boxes}
 
 
 def _nice_step(span: float, parts: int = 4) -> float:
@@ -456,7 +487,12 @@ def targets_figure(
 ) -> dict[str, Any] | None:
     """Latency and PSNR-Y drop per candidate of ``--target auto`` (entries of
     ``manifest["auto"]["candidates"]``: ``target``, ``available``, ``passed``, ``median_ms``,
-    ``psnr_drop``, ``failure`` or ``reason``); None when fewer than two were built."""
+    ``psnr_drop``, ``failure`` or ``reason``); None when fewer than two were built.
+
+    Two bar charts side by side, one row per candidate: latency on ``[0, 1.4 × slowest]``,
+    PSNR-Y drop on ``[min(0, drops, budget), max(0, drops, budget)]`` widened by 40 % (5 %
+    below a negative minimum), the budget dashed; a failed or unavailable candidate gets a
+    note across both charts instead of bars."""
     built = [c for c in candidates if c.get("available")]
     if len(built) < 2:
         return None
@@ -464,65 +500,136 @@ def targets_figure(
     plotted = [c for c in built if c.get("passed") and c.get("median_ms") is not None]
     names = [c["target"] + (" (chosen)" if c["target"] == chosen else "") for c in candidates]
     name_w = max(_width(n, font) for n in names) + 2 * PAD
-    chart_w, gap, row_h, bar_h = 320, 40, 30, 16
-    line = FONT_SIZE + 8
-    top = PAD + 2 * line + line  # title, subtitle, axis titles
-    width = PAD + name_w + chart_w + gap + chart_w + PAD
-    height = top + row_h * len(candidates) + 2 * line + PAD
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    chart = _TargetsChart.fit(plotted, max_psnr_drop, name_w, len(candidates))
+    canvas = Image.new("RGB", (chart.width, chart.height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, PAD), "--target auto: candidates", fill=INK, font=font)
     budget = f"; PSNR-Y drop budget {max_psnr_drop:g} dB" if max_psnr_drop is not None else ""
     sub = f"chosen: {chosen or '-'}{budget}; failed or unavailable targets are not plotted"
-    draw.text((PAD, PAD + line), _fit(sub, small, width - 2 * PAD), fill=MUTED, font=small)
-    lat_x = PAD + name_w
-    drop_x = lat_x + chart_w + gap
-    draw.text((lat_x, PAD + 2 * line), _fit(latency_label, small, chart_w), fill=INK, font=small)
-    draw.text((drop_x, PAD + 2 * line), "PSNR-Y drop (dB, worst set)", fill=INK, font=small)
-    bottom = top + row_h * len(candidates)
-
-    lat_values = [float(c["median_ms"]) for c in plotted]
-    lat_hi = max(lat_values, default=1.0) * 1.4 or 1.0
-    drops = [float(c["psnr_drop"]) for c in plotted if c.get("psnr_drop") is not None]
-    marks = drops + ([max_psnr_drop] if max_psnr_drop is not None else [])
-    lo = min([0.0, *marks])
-    hi = max([0.0, *marks])
-    span = (hi - lo) or 0.01
-    lo, hi = (lo - 0.05 * span if lo < 0 else 0.0), hi + 0.4 * span
-
-    def lat_pos(v: float) -> int:
-        return lat_x + round(v / lat_hi * chart_w)
-
-    def drop_pos(v: float) -> int:
-        return drop_x + round((v - lo) / (hi - lo) * chart_w)
-
-    for axis_x, pos, tick_values in (
-        (lat_x, lat_pos, _ticks(0.0, lat_hi)),
-        (drop_x, drop_pos, _ticks(lo, hi)),
-    ):
-        for t in tick_values:
-            tx = pos(t)
-            draw.line([(tx, top), (tx, bottom)], fill=GRID)
-            label = f"{t:g}"
-            draw.text((tx - _width(label, small) // 2, bottom + 4), label, fill=INK, font=small)
-        draw.line([(axis_x, bottom), (axis_x + chart_w, bottom)], fill=INK)
-    zero = drop_pos(0.0)
-    draw.line([(zero, top), (zero, bottom)], fill=INK)
-    if max_psnr_drop is not None:
-        bx = drop_pos(max_psnr_drop)
-        for yy in range(top, bottom, 8):
-            draw.line([(bx, yy), (bx, min(yy + 4, bottom))], fill=FAILED, width=2)
-        label = f"budget {max_psnr_drop:g} dB"
-        lx = min(bx - _width(label, small) // 2, width - PAD - _width(label, small))
-        draw.text((lx, bottom + 4 + line), label, fill=FAILED, font=small)
-
+    line = chart.line
+    draw.text((PAD, PAD + line), _fit(sub, small, chart.width - 2 * PAD), fill=MUTED, font=small)
+    draw.text(
+        (chart.lat_x, PAD + 2 * line), _fit(latency_label, small, chart.w), fill=INK, font=small
+    )
+    draw.text((chart.drop_x, PAD + 2 * line), "PSNR-Y drop (dB, worst set)", fill=INK, font=small)
+    chart.draw_axes(draw, small, max_psnr_drop)
     for i, (c, name) in enumerate(zip(candidates, names, strict=True)):
-        y = top + i * row_h
-        mid = y + (row_h - bar_h) // 2
-        if c["target"] == chosen:
-            draw.rectangle([PAD, y + 1, width - PAD, y + row_h - 1], fill=CHOSEN_BAND)
+        chart.draw_row(draw, i, c, name, c["target"] == chosen, (font, small))
+    canvas.save(out_dir / file, format="PNG")
+    return {
+        "file": file,
+        "kind": "targets",
+        "image": None,
+        "caption": _targets_caption(candidates, chosen, max_psnr_drop, latency_label),
+        "targets": [c["target"] for c in candidates],
+    }
+
+
+@dataclass(frozen=True)
+class _TargetsChart:
+    """Geometry and scales of :func:`targets_figure`'s two bar charts."""
+
+    name_w: int
+    rows: int
+    lat_hi: float  # latency axis: 0 .. lat_hi
+    lo: float  # drop axis: lo .. hi
+    hi: float
+    w: int = 320  # each chart's width
+    gap: int = 40
+    row_h: int = 30
+    bar_h: int = 16
+    line: int = FONT_SIZE + 8
+
+    @classmethod
+    def fit(
+        cls,
+        plotted: Sequence[Mapping[str, Any]],
+        max_psnr_drop: float | None,
+        name_w: int,
+        rows: int,
+    ) -> _TargetsChart:
+        lat_values = [float(c["median_ms"]) for c in plotted]
+        lat_hi = max(lat_values, default=1.0) * 1.4 or 1.0
+        drops = [float(c["psnr_drop"]) for c in plotted if c.get("psnr_drop") is not None]
+        marks = drops + ([max_psnr_drop] if max_psnr_drop is not None else [])
+        lo = min([0.0, *marks])
+        hi = max([0.0, *marks])
+        span = (hi - lo) or 0.01
+        lo, hi = (lo - 0.05 * span if lo < 0 else 0.0), hi + 0.4 * span
+        return cls(name_w=name_w, rows=rows, lat_hi=lat_hi, lo=lo, hi=hi)
+
+    @property
+    def top(self) -> int:
+        return PAD + 3 * self.line  # title, subtitle, axis titles
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.row_h * self.rows
+
+    @property
+    def width(self) -> int:
+        return PAD + self.name_w + self.w + self.gap + self.w + PAD
+
+    @property
+    def height(self) -> int:
+        return self.bottom + 2 * self.line + PAD
+
+    @property
+    def lat_x(self) -> int:
+        return PAD + self.name_w
+
+    @property
+    def drop_x(self) -> int:
+        return self.lat_x + self.w + self.gap
+
+    def lat_pos(self, v: float) -> int:
+        return self.lat_x + round(v / self.lat_hi * self.w)
+
+    def drop_pos(self, v: float) -> int:
+        return self.drop_x + round((v - self.lo) / (self.hi - self.lo) * self.w)
+
+    def draw_axes(
+        self, draw: ImageDraw.ImageDraw, small: Font, max_psnr_drop: float | None
+    ) -> None:
+        """Grid lines, tick labels and axes of both charts; zero and the dashed budget."""
+        top, bottom = self.top, self.bottom
+        for axis_x, pos, tick_values in (
+            (self.lat_x, self.lat_pos, _ticks(0.0, self.lat_hi)),
+            (self.drop_x, self.drop_pos, _ticks(self.lo, self.hi)),
+        ):
+            for t in tick_values:
+                tx = pos(t)
+                draw.line([(tx, top), (tx, bottom)], fill=GRID)
+                label = f"{t:g}"
+                draw.text((tx - _width(label, small) // 2, bottom + 4), label, fill=INK, font=small)
+            draw.line([(axis_x, bottom), (axis_x + self.w, bottom)], fill=INK)
+        zero = self.drop_pos(0.0)
+        draw.line([(zero, top), (zero, bottom)], fill=INK)
+        if max_psnr_drop is not None:
+            bx = self.drop_pos(max_psnr_drop)
+            for yy in range(top, bottom, 8):
+                draw.line([(bx, yy), (bx, min(yy + 4, bottom))], fill=FAILED, width=2)
+            label = f"budget {max_psnr_drop:g} dB"
+            lx = min(bx - _width(label, small) // 2, self.width - PAD - _width(label, small))
+            draw.text((lx, bottom + 4 + self.line), label, fill=FAILED, font=small)
+
+    def draw_row(
+        self,
+        draw: ImageDraw.ImageDraw,
+        i: int,
+        c: Mapping[str, Any],
+        name: str,
+        chosen: bool,
+        fonts: tuple[Font, Font],
+    ) -> None:
+        """Row ``i``: the candidate's name, its latency and drop bars, or why it has none."""
+        font, small = fonts
+        y = self.top + i * self.row_h
+        mid = y + (self.row_h - self.bar_h) // 2
+        lat_x, drop_x = self.lat_x, self.drop_x
+        if chosen:
+            draw.rectangle([PAD, y + 1, self.width - PAD, y + self.row_h - 1], fill=CHOSEN_BAND)
         draw.text((PAD, mid - 1), _ascii(name), fill=INK, font=font)
-        text_room = 2 * chart_w + gap - 8
         if not c.get("available") or not c.get("passed") or c.get("median_ms") is None:
             # a note over both charts, on a band that hides the grid: not a number to plot
             available = bool(c.get("available"))
@@ -532,24 +639,34 @@ def targets_figure(
                 else f"not available here: {c.get('reason', '')}"
             )
             band = FAILED_BAND if available else UNAVAILABLE_BAND
-            draw.rectangle([lat_x, y + 3, drop_x + chart_w, y + row_h - 3], fill=band)
+            draw.rectangle([lat_x, y + 3, drop_x + self.w, y + self.row_h - 3], fill=band)
             draw.text(
                 (lat_x + 4, mid),
-                _fit(why, small, text_room),
+                _fit(why, small, 2 * self.w + self.gap - 8),
                 fill=FAILED if available else MUTED,
                 font=small,
             )
-            continue
+            return
         ms = float(c["median_ms"])
-        draw.rectangle([lat_x, mid, max(lat_x, lat_pos(ms) - 1), mid + bar_h], fill=LATENCY_BAR)
-        draw.text((lat_pos(ms) + 4, mid), f"{ms:.1f} ms", fill=INK, font=small)
+        bar_h = self.bar_h
+        draw.rectangle(
+            [lat_x, mid, max(lat_x, self.lat_pos(ms) - 1), mid + bar_h], fill=LATENCY_BAR
+        )
+        draw.text((self.lat_pos(ms) + 4, mid), f"{ms:.1f} ms", fill=INK, font=small)
         if c.get("psnr_drop") is not None:
             d = _drop(c["psnr_drop"])
-            left, right = sorted((zero, drop_pos(d)))
+            zero = self.drop_pos(0.0)
+            left, right = sorted((zero, self.drop_pos(d)))
             draw.rectangle([left, mid, max(left, right - 1), mid + bar_h], fill=DROP_BAR)
-            draw.text((max(zero, drop_pos(d)) + 4, mid), f"{d:.4f}", fill=INK, font=small)
-    canvas.save(out_dir / file, format="PNG")
+            draw.text((max(zero, self.drop_pos(d)) + 4, mid), f"{d:.4f}", fill=INK, font=small)
 
+
+def _targets_caption(
+    candidates: Sequence[Mapping[str, Any]],
+    chosen: str | None,
+    max_psnr_drop: float | None,
+    latency_label: str,
+) -> str:
     def describe(c: Mapping[str, Any]) -> str:
         if not c.get("available"):
             return f"{c['target']}: not available here ({c.get('reason', '')})"
@@ -562,7 +679,7 @@ def targets_figure(
         )
         return f"{c['target']}: {c['median_ms']:.1f} ms{drop}"
 
-    caption = (
+    return (
         f"--target auto: {latency_label} and worst PSNR-Y drop over the validation sets of "
         "each candidate that passed"
         + (f" (drop budget {max_psnr_drop:g} dB, dashed)" if max_psnr_drop is not None else "")
@@ -570,10 +687,3 @@ def targets_figure(
         + "; ".join(describe(c) for c in candidates)
         + "."
     )
-    return {
-        "file": file,
-        "kind": "targets",
-        "image": None,
-        "caption": caption,
-        "targets": [c["target"] for c in candidates],
-    }

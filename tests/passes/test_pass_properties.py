@@ -407,15 +407,6 @@ STEM_CONVS = 1
 # ----------------------------------------------------------------------------- properties
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs: one thread is ~1000× faster than two contending ones on a 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_spec_model_counts_its_convs() -> None:
     """The test's own bookkeeping: the graph has the convs the spec predicts."""
     spec = Spec(4, (Chain(3, 2, "setitem"), FixedFilter("sobel_x"), Concat(3, 0)), seed=1)

@@ -1,9 +1,8 @@
 """Pictures for a bundle's report: validation crops, difference heat maps, auto candidates.
 
-Drawn with Pillow alone (``ImageDraw`` and its default font): the figures are labelled image
-panels, a colour bar and two bar charts, which need no plotting library, and Pillow is
-already a dependency. The default font covers ASCII, so text in the pictures is ASCII (``x``
-for ×, ``-`` for −); the captions in the report carry the exact wording.
+Drawn with Pillow alone (:mod:`esr_deploy.validate.drawing`): labelled image panels and a
+colour bar need no plotting library. Text in the pictures is ASCII (``x`` for ×, ``-`` for
+−); the captions in the report carry the exact wording.
 
 Every function writes PNGs into a folder (the staged bundle) and returns one record per
 picture for ``manifest["report_figures"]``, so that the report
@@ -27,8 +26,8 @@ pixels saturate and an engine identical to float precision still shows its patte
 caption states ``g``, the value that maps to full scale, and the maximum of ``d``.
 
 **Targets** (``--target auto``): median latency and worst PSNR-Y drop of every candidate
-that was built, as horizontal bars; candidates that failed validation or could not run here
-are listed with the reason and not plotted as numbers.
+that was built, as horizontal bars (:mod:`esr_deploy.validate.auto_chart`; its
+:func:`targets_figure` is importable from here too).
 """
 
 from __future__ import annotations
@@ -36,17 +35,29 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from esr_deploy.data import ImagePair, imresize, to_uint8
 from esr_deploy.recipe import Recipe
+from esr_deploy.validate.auto_chart import targets_figure
+from esr_deploy.validate.drawing import (
+    BACKGROUND,
+    INK,
+    PAD,
+    SMALL_FONT_SIZE,
+    compose,
+    enlarge,
+    fit,
+    load_font,
+    text_width,
+)
 from esr_deploy.validate.parity import EngineRun, ReferenceRun, model_input, model_output
 from esr_deploy.validate.quality import rgb_to_y
 
@@ -65,7 +76,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 Box = tuple[int, int, int, int]  # y, x, height, width (HR pixels)
 
 #: Validation images drawn (the first ones of the first validation set).
@@ -79,20 +89,7 @@ PERCENTILE = 99.9
 #: LR pixels around the crop that the bicubic upscaling sees (its kernel reaches 2).
 LR_MARGIN = 4
 
-PAD = 10
-FONT_SIZE = 15
-SMALL_FONT_SIZE = 13
-BACKGROUND = (255, 255, 255)
-INK = (25, 25, 25)
-MUTED = (110, 110, 110)
-FAILED = (190, 20, 40)
 CROP_OUTLINE = (0, 200, 255)
-LATENCY_BAR = (70, 110, 180)
-DROP_BAR = (225, 135, 40)
-CHOSEN_BAND = (222, 245, 222)
-FAILED_BAND = (252, 234, 236)
-UNAVAILABLE_BAND = (242, 242, 242)
-GRID = (225, 225, 225)
 
 #: Anchors of the heat colour map (close to matplotlib's "inferno"): dark = no difference.
 _HEAT_ANCHORS = (
@@ -197,75 +194,9 @@ def _safe_name(name: str) -> str:
     return safe[:40] or "image"
 
 
-# ------------------------------------------------------------------------------ drawing
-
-
-def _font(size: int) -> Font:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-_MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-_ASCII = str.maketrans({"×": "x", "−": "-", "—": "-", "–": "-", "≥": ">=", "≤": "<="})
-
-
-def _ascii(text: str) -> str:
-    """What the default font can draw: the usual non-ASCII signs spelled in ASCII, others
-    replaced by ``?``."""
-    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
-
-
-def _width(text: str, font: Font) -> int:
-    return math.ceil(_MEASURE.textlength(text, font=font))
-
-
-def _fit(text: str, font: Font, width: int) -> str:
-    """``text`` cut with an ellipsis to ``width`` pixels."""
-    text = _ascii(text)
-    if _width(text, font) <= width:
-        return text
-    while text and _width(text + "...", font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def _enlarge(img: np.ndarray, zoom: int) -> np.ndarray:
-    return np.repeat(np.repeat(img, zoom, axis=0), zoom, axis=1)
-
-
-def _compose(
-    title: str, panels: Sequence[tuple[str, np.ndarray]], footer: Image.Image | None = None
-) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """Panels side by side under their labels, a title above, ``footer`` below; the picture
-    and each panel's label and box ``[x0, y0, x1, y1]`` (pixels of the picture)."""
-    font, small = _font(FONT_SIZE), _font(SMALL_FONT_SIZE)
-    line = FONT_SIZE + 8
-    top = PAD + line + line  # title, then the labels
-    width = PAD + sum(p.shape[1] + PAD for _, p in panels)
-    height = top + max(p.shape[0] for _, p in panels) + PAD
-    if footer is not None:
-        width = max(width, footer.width + 2 * PAD)
-        height += footer.height + PAD
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((PAD, PAD), _fit(title, font, width - 2 * PAD), fill=INK, font=font)
-    boxes = []
-    x = PAD
-    for label, pixels in panels:
-        draw.text((x, PAD + line), _fit(label, small, pixels.shape[1]), fill=INK, font=small)
-        canvas.paste(Image.fromarray(pixels), (x, top))
-        boxes.append({"label": label, "box": [x, top, x + pixels.shape[1], top + pixels.shape[0]]})
-        x += pixels.shape[1] + PAD
-    if footer is not None:
-        canvas.paste(footer, (PAD, height - PAD - footer.height))
-    return canvas, boxes
-
-
 def _colour_bar(width: int, gain: float, lines: Sequence[str]) -> Image.Image:
     """Text lines, then the colour map as a bar with ticks in 0..255 units of |e − r|."""
-    small = _font(SMALL_FONT_SIZE)
+    small = load_font(SMALL_FONT_SIZE)
     line = SMALL_FONT_SIZE + 6
     bar_h = 14
     full = 255.0 / gain
@@ -273,7 +204,7 @@ def _colour_bar(width: int, gain: float, lines: Sequence[str]) -> Image.Image:
     img = Image.new("RGB", (width, bar_top + bar_h + 6 + line), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for i, text in enumerate(lines):
-        draw.text((0, i * line), _fit(text, small, width), fill=INK, font=small)
+        draw.text((0, i * line), fit(text, small, width), fill=INK, font=small)
     bar_w = width - 60  # room for the last tick label
     ramp = HEAT_LUT[np.linspace(0, 255, bar_w).round().astype(np.int64)]
     img.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0)), (0, bar_top))
@@ -283,7 +214,7 @@ def _colour_bar(width: int, gain: float, lines: Sequence[str]) -> Image.Image:
         label = "0" if frac == 0 else f"{frac * full:.2g}"
         if frac == 1.0:
             label = ">= " + label
-        lw = _width(label, small)
+        lw = text_width(label, small)
         lx = min(max(0, tx - lw // 2), width - lw)
         draw.text((lx, bar_top + bar_h + 6), label, fill=INK, font=small)
     return img
@@ -304,7 +235,7 @@ def _overview(diff: np.ndarray, gain: float, box: Box) -> tuple[np.ndarray, str]
         pixels, rect, how = _heat(pooled, gain), (y // k, x // k, h // k, w // k), f"max of {k}x{k}"
     else:
         z = PANEL // longest
-        pixels = _enlarge(_heat(diff, gain), z)
+        pixels = enlarge(_heat(diff, gain), z)
         rect, how = (y * z, x * z, h * z, w * z), f"x{z}"
     img = Image.fromarray(pixels)
     ry, rx, rh, rw = rect
@@ -395,7 +326,7 @@ def _comparison(
         ("HR", view.crop(pair.hr)),
     ]
     title = f"{pair.name}: {view.where_crop} (most detailed region), enlarged x{zoom}"
-    picture, boxes = _compose(title, [(label, _enlarge(p, zoom)) for label, p in panels])
+    picture, boxes = compose(title, [(label, enlarge(p, zoom)) for label, p in panels])
     compare_file = f"compare-{view.stem}.png"
     picture.save(out_dir / compare_file, format="PNG")
     caption = (
@@ -418,7 +349,7 @@ def _difference(out_dir: Path, view: _CropView, diff: np.ndarray) -> dict[str, A
     heat_panels = [
         (
             f"|engine - reference| x{gain_text}, crop",
-            _enlarge(_heat(view.crop(diff), gain), view.zoom),
+            enlarge(_heat(view.crop(diff), gain), view.zoom),
         ),
         (f"whole image ({how}), crop outlined", overview),
     ]
@@ -431,7 +362,7 @@ def _difference(out_dir: Path, view: _CropView, diff: np.ndarray) -> dict[str, A
             f"max |engine - reference|: {most:.3g} (image), {crop_most:.3g} (crop)",
         ],
     )
-    picture, boxes = _compose(f"{view.image}: difference to the reference", heat_panels, bar)
+    picture, boxes = compose(f"{view.image}: difference to the reference", heat_panels, bar)
     diff_file = f"difference-{view.stem}.png"
     picture.save(out_dir / diff_file, format="PNG")
     caption = (
@@ -450,240 +381,3 @@ def _difference(out_dir: Path, view: _CropView, diff: np.ndarray) -> dict[str, A
         "crop_max_abs_difference": crop_most,
     }
     return {**view.record(diff_file, "difference", caption, **fields), "panels": boxes}
-
-
-def _nice_step(span: float, parts: int = 4) -> float:
-    raw = span / parts
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    step = next(m for m in (1.0, 2.0, 5.0, 10.0) if m * magnitude >= raw)
-    return step * magnitude
-
-
-def _ticks(lo: float, hi: float) -> list[float]:
-    step = _nice_step(hi - lo)
-    first = math.ceil(lo / step - 1e-9)
-    return [round(i * step, 12) for i in range(first, math.floor(hi / step + 1e-9) + 1)]
-
-
-def short_failure(text: str) -> str:
-    """The measured part of a compile failure ("Validation of m on t failed — <what> — ...")."""
-    parts = text.split(" — ")
-    return parts[1] if len(parts) > 2 else text
-
-
-def _drop(value: Any) -> float:
-    """A PSNR drop as drawn: 0 when it rounds to 0.0000 (no "-0.0000")."""
-    d = float(value)
-    return 0.0 if round(d, 4) == 0 else d
-
-
-def targets_figure(
-    out_dir: Path,
-    candidates: Sequence[Mapping[str, Any]],
-    chosen: str | None = None,
-    max_psnr_drop: float | None = None,
-    latency_label: str = "median latency (ms)",
-    file: str = "targets.png",
-) -> dict[str, Any] | None:
-    """Latency and PSNR-Y drop per candidate of ``--target auto`` (entries of
-    ``manifest["auto"]["candidates"]``: ``target``, ``available``, ``passed``, ``median_ms``,
-    ``psnr_drop``, ``failure`` or ``reason``); None when fewer than two were built.
-
-    Two bar charts side by side, one row per candidate: latency on ``[0, 1.4 × slowest]``,
-    PSNR-Y drop on ``[min(0, drops, budget), max(0, drops, budget)]`` widened by 40 % (5 %
-    below a negative minimum), the budget dashed; a failed or unavailable candidate gets a
-    note across both charts instead of bars."""
-    built = [c for c in candidates if c.get("available")]
-    if len(built) < 2:
-        return None
-    font, small = _font(FONT_SIZE), _font(SMALL_FONT_SIZE)
-    plotted = [c for c in built if c.get("passed") and c.get("median_ms") is not None]
-    names = [c["target"] + (" (chosen)" if c["target"] == chosen else "") for c in candidates]
-    name_w = max(_width(n, font) for n in names) + 2 * PAD
-    chart = _TargetsChart.fit(plotted, max_psnr_drop, name_w, len(candidates))
-    canvas = Image.new("RGB", (chart.width, chart.height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((PAD, PAD), "--target auto: candidates", fill=INK, font=font)
-    budget = f"; PSNR-Y drop budget {max_psnr_drop:g} dB" if max_psnr_drop is not None else ""
-    sub = f"chosen: {chosen or '-'}{budget}; failed or unavailable targets are not plotted"
-    line = chart.line
-    draw.text((PAD, PAD + line), _fit(sub, small, chart.width - 2 * PAD), fill=MUTED, font=small)
-    draw.text(
-        (chart.lat_x, PAD + 2 * line), _fit(latency_label, small, chart.w), fill=INK, font=small
-    )
-    draw.text((chart.drop_x, PAD + 2 * line), "PSNR-Y drop (dB, worst set)", fill=INK, font=small)
-    chart.draw_axes(draw, small, max_psnr_drop)
-    for i, (c, name) in enumerate(zip(candidates, names, strict=True)):
-        chart.draw_row(draw, i, c, name, c["target"] == chosen, (font, small))
-    canvas.save(out_dir / file, format="PNG")
-    return {
-        "file": file,
-        "kind": "targets",
-        "image": None,
-        "caption": _targets_caption(candidates, chosen, max_psnr_drop, latency_label),
-        "targets": [c["target"] for c in candidates],
-    }
-
-
-@dataclass(frozen=True)
-class _TargetsChart:
-    """Geometry and scales of :func:`targets_figure`'s two bar charts."""
-
-    name_w: int
-    rows: int
-    lat_hi: float  # latency axis: 0 .. lat_hi
-    lo: float  # drop axis: lo .. hi
-    hi: float
-    w: int = 320  # each chart's width
-    gap: int = 40
-    row_h: int = 30
-    bar_h: int = 16
-    line: int = FONT_SIZE + 8
-
-    @classmethod
-    def fit(
-        cls,
-        plotted: Sequence[Mapping[str, Any]],
-        max_psnr_drop: float | None,
-        name_w: int,
-        rows: int,
-    ) -> _TargetsChart:
-        lat_values = [float(c["median_ms"]) for c in plotted]
-        lat_hi = max(lat_values, default=1.0) * 1.4 or 1.0
-        drops = [float(c["psnr_drop"]) for c in plotted if c.get("psnr_drop") is not None]
-        marks = drops + ([max_psnr_drop] if max_psnr_drop is not None else [])
-        lo = min([0.0, *marks])
-        hi = max([0.0, *marks])
-        span = (hi - lo) or 0.01
-        lo, hi = (lo - 0.05 * span if lo < 0 else 0.0), hi + 0.4 * span
-        return cls(name_w=name_w, rows=rows, lat_hi=lat_hi, lo=lo, hi=hi)
-
-    @property
-    def top(self) -> int:
-        return PAD + 3 * self.line  # title, subtitle, axis titles
-
-    @property
-    def bottom(self) -> int:
-        return self.top + self.row_h * self.rows
-
-    @property
-    def width(self) -> int:
-        return PAD + self.name_w + self.w + self.gap + self.w + PAD
-
-    @property
-    def height(self) -> int:
-        return self.bottom + 2 * self.line + PAD
-
-    @property
-    def lat_x(self) -> int:
-        return PAD + self.name_w
-
-    @property
-    def drop_x(self) -> int:
-        return self.lat_x + self.w + self.gap
-
-    def lat_pos(self, v: float) -> int:
-        return self.lat_x + round(v / self.lat_hi * self.w)
-
-    def drop_pos(self, v: float) -> int:
-        return self.drop_x + round((v - self.lo) / (self.hi - self.lo) * self.w)
-
-    def draw_axes(
-        self, draw: ImageDraw.ImageDraw, small: Font, max_psnr_drop: float | None
-    ) -> None:
-        """Grid lines, tick labels and axes of both charts; zero and the dashed budget."""
-        top, bottom = self.top, self.bottom
-        for axis_x, pos, tick_values in (
-            (self.lat_x, self.lat_pos, _ticks(0.0, self.lat_hi)),
-            (self.drop_x, self.drop_pos, _ticks(self.lo, self.hi)),
-        ):
-            for t in tick_values:
-                tx = pos(t)
-                draw.line([(tx, top), (tx, bottom)], fill=GRID)
-                label = f"{t:g}"
-                draw.text((tx - _width(label, small) // 2, bottom + 4), label, fill=INK, font=small)
-            draw.line([(axis_x, bottom), (axis_x + self.w, bottom)], fill=INK)
-        zero = self.drop_pos(0.0)
-        draw.line([(zero, top), (zero, bottom)], fill=INK)
-        if max_psnr_drop is not None:
-            bx = self.drop_pos(max_psnr_drop)
-            for yy in range(top, bottom, 8):
-                draw.line([(bx, yy), (bx, min(yy + 4, bottom))], fill=FAILED, width=2)
-            label = f"budget {max_psnr_drop:g} dB"
-            lx = min(bx - _width(label, small) // 2, self.width - PAD - _width(label, small))
-            draw.text((lx, bottom + 4 + self.line), label, fill=FAILED, font=small)
-
-    def draw_row(
-        self,
-        draw: ImageDraw.ImageDraw,
-        i: int,
-        c: Mapping[str, Any],
-        name: str,
-        chosen: bool,
-        fonts: tuple[Font, Font],
-    ) -> None:
-        """Row ``i``: the candidate's name, its latency and drop bars, or why it has none."""
-        font, small = fonts
-        y = self.top + i * self.row_h
-        mid = y + (self.row_h - self.bar_h) // 2
-        lat_x, drop_x = self.lat_x, self.drop_x
-        if chosen:
-            draw.rectangle([PAD, y + 1, self.width - PAD, y + self.row_h - 1], fill=CHOSEN_BAND)
-        draw.text((PAD, mid - 1), _ascii(name), fill=INK, font=font)
-        if not c.get("available") or not c.get("passed") or c.get("median_ms") is None:
-            # a note over both charts, on a band that hides the grid: not a number to plot
-            available = bool(c.get("available"))
-            why = (
-                f"FAILED: {short_failure(str(c.get('failure', '')))}"
-                if available
-                else f"not available here: {c.get('reason', '')}"
-            )
-            band = FAILED_BAND if available else UNAVAILABLE_BAND
-            draw.rectangle([lat_x, y + 3, drop_x + self.w, y + self.row_h - 3], fill=band)
-            draw.text(
-                (lat_x + 4, mid),
-                _fit(why, small, 2 * self.w + self.gap - 8),
-                fill=FAILED if available else MUTED,
-                font=small,
-            )
-            return
-        ms = float(c["median_ms"])
-        bar_h = self.bar_h
-        draw.rectangle(
-            [lat_x, mid, max(lat_x, self.lat_pos(ms) - 1), mid + bar_h], fill=LATENCY_BAR
-        )
-        draw.text((self.lat_pos(ms) + 4, mid), f"{ms:.1f} ms", fill=INK, font=small)
-        if c.get("psnr_drop") is not None:
-            d = _drop(c["psnr_drop"])
-            zero = self.drop_pos(0.0)
-            left, right = sorted((zero, self.drop_pos(d)))
-            draw.rectangle([left, mid, max(left, right - 1), mid + bar_h], fill=DROP_BAR)
-            draw.text((max(zero, self.drop_pos(d)) + 4, mid), f"{d:.4f}", fill=INK, font=small)
-
-
-def _targets_caption(
-    candidates: Sequence[Mapping[str, Any]],
-    chosen: str | None,
-    max_psnr_drop: float | None,
-    latency_label: str,
-) -> str:
-    def describe(c: Mapping[str, Any]) -> str:
-        if not c.get("available"):
-            return f"{c['target']}: not available here ({c.get('reason', '')})"
-        if not c.get("passed"):
-            return f"{c['target']}: failed ({short_failure(str(c.get('failure', '')))})"
-        drop = (
-            f", PSNR-Y drop {_drop(c['psnr_drop']):.4f} dB"
-            if c.get("psnr_drop") is not None
-            else ""
-        )
-        return f"{c['target']}: {c['median_ms']:.1f} ms{drop}"
-
-    return (
-        f"--target auto: {latency_label} and worst PSNR-Y drop over the validation sets of "
-        "each candidate that passed"
-        + (f" (drop budget {max_psnr_drop:g} dB, dashed)" if max_psnr_drop is not None else "")
-        + f"; chosen: {chosen or '—'}. "
-        + "; ".join(describe(c) for c in candidates)
-        + "."
-    )

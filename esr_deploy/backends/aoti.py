@@ -55,9 +55,9 @@ from esr_deploy.backends.base import (
     ModelBackend,
     ModelBuild,
 )
-from esr_deploy.backends.tensorrt import cuda_availability, gpu_info
 from esr_deploy.cpu import bf16_unavailable_reason, cpu_info
 from esr_deploy.errors import BundleError, DataError, ExportError, ValidationError
+from esr_deploy.gpu import cuda_availability, gpu_info
 from esr_deploy.runtime.bundle_reader import check_cpu_flags
 from esr_deploy.shapes import ShapeProfile
 

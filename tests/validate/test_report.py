@@ -34,17 +34,16 @@ from esr_deploy.recipe import Recipe
 from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.runtime.manifest import Manifest
 from esr_deploy.targets import availability, get_target
+from esr_deploy.validate.auto_chart import LATENCY_BAR, targets_figure
+from esr_deploy.validate.drawing import PAD
 from esr_deploy.validate.figures import (
     COMPARISON_IMAGES,
     HEAT_LUT,
-    LATENCY_BAR,
-    PAD,
     PANEL,
     bicubic_crop,
     comparison_figures,
     detail_crop,
     difference_gain,
-    targets_figure,
 )
 from esr_deploy.validate.report import REPORT_HTML, render_html, render_report, write_report
 

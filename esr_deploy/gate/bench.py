@@ -69,11 +69,9 @@ def compare_bundles(
             "different models"
         )
     for key in ("name", "target", "scale"):
-        if cand.manifest.get(key) != ref.manifest.get(key):
-            warnings.append(
-                f"{key} differs: candidate {cand.manifest.get(key)!r}, reference "
-                f"{ref.manifest.get(key)!r}"
-            )
+        mine, theirs = getattr(cand.manifest, key), getattr(ref.manifest, key)
+        if mine != theirs:
+            warnings.append(f"{key} differs: candidate {mine!r}, reference {theirs!r}")
     (stats_cand, stats_ref), times = timed_rounds(
         [partial(cand.session.run, x_cand), partial(ref.session.run, x_ref)], options
     )

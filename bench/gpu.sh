@@ -2,7 +2,7 @@
 # The GPU check of the aoti-cuda targets, in one call on the accelerator machine, from the
 # repository root (prepare here first: bash bench/gpu_prepare.sh; carry .whl and .shared):
 #   1. what is installed there (GPU, driver, torch, CUDA, triton, the modules esr-deploy needs)
-#   2. the gpu-marked tests of the AOTInductor backend (tests/test_backend_aoti.py)
+#   2. the gpu-marked tests of the AOTInductor backend (tests/backends/test_aoti.py)
 #   3. bench/gpu.py: RLFN and IMDN aoti-cuda-fp16 compiled and validated on Set5 and Set14
 #      (parity, PSNR-Y drop), latency with CUDA events at 256x256 and 720x1280 beside eager
 #      fp32, eager fp16 and torch.compile
@@ -35,7 +35,7 @@ for name in ("triton", "onnx", "onnxruntime", "onnxscript", "onnxsim", "torch_pr
         print(f"  {name} MISSING ({exc})")
 PYEOF
 
-$PY -m pytest -q -m gpu tests/test_backend_aoti.py -p no:cacheprovider -rs 2>&1 | tee "$DEST/gpu-tests.log"
+$PY -m pytest -q -m gpu tests/backends/test_aoti.py -p no:cacheprovider -rs 2>&1 | tee "$DEST/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 $PY bench/gpu.py --out "$DEST" "$@" 2>&1 | tee "$DEST/gpu-bench.log"
 bench=${PIPESTATUS[0]}

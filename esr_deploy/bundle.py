@@ -39,9 +39,10 @@ from esr_deploy.runtime.bundle_reader import (
     SCHEMA_VERSION,
     check_contents,
     manifest_digest,
-    read_manifest,
+    read_manifest_json,
     sha256_file,
 )
+from esr_deploy.runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,16 @@ STAGING_MARKER = ".esr-deploy-staging"
 
 
 def _is_bundle(folder: Path) -> str | None:
-    """None when ``folder`` is an esr-deploy bundle (its manifest parses, has our schema
-    version and a ``files`` map, and the folder holds nothing the manifest does not list),
-    else why not."""
+    """None when ``folder`` is an esr-deploy bundle (its manifest parses, has a schema
+    version we read and a ``files`` map, and the folder holds nothing the manifest does not
+    list), else why not. Looser than :func:`~.bundle_reader.read_manifest` on purpose: an
+    incomplete bundle of ours may still be replaced."""
     try:
-        manifest = read_manifest(folder, required=(("files", dict),))
-        check_contents(folder.resolve(), manifest["files"])
+        path, manifest = read_manifest_json(folder)
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            return f"{path} has no 'files' map."
+        check_contents(folder.resolve(), files)
     except EsrDeployError as exc:
         return str(exc).split(" — ")[0]  # what was seen, without the reader's advice
     return None
@@ -201,7 +206,10 @@ class StagedBundle:
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Add checksums of every file in the staging folder, write ``manifest.json`` and
-        record its digest in ``manifest.sha256``; returns the manifest as written."""
+        record its digest in ``manifest.sha256``; returns the manifest as written.
+
+        The manifest is first read back as a bundle's reader reads it
+        (:meth:`Manifest.from_json`): one the runtime would refuse is never written."""
         skip = {MANIFEST, DIGEST_FILE, STAGING_MARKER}
         files = {
             p.relative_to(self.dir).as_posix(): sha256_file(p)
@@ -211,8 +219,9 @@ class StagedBundle:
         full = dict(manifest)
         full["files"] = files
         text = json.dumps(full, indent=2) + "\n"
-        (self.dir / MANIFEST).write_text(text, encoding="utf-8")
         written: dict[str, Any] = json.loads(text)
+        Manifest.built(written, "the manifest compile built")
+        (self.dir / MANIFEST).write_text(text, encoding="utf-8")
         self.digest = manifest_digest(written)
         (self.dir / DIGEST_FILE).write_text(self.digest + "\n", encoding="utf-8")
         return written

@@ -51,6 +51,7 @@ from esr_deploy.export_check import (
     OUTPUT_NAME,
     CheckFailure,
     CheckInput,
+    CheckResult,
     batch_failure,
     check_graph,
     export_check_inputs,
@@ -387,6 +388,34 @@ def _export_failed(
     )
 
 
+def _compare_with_pytorch(
+    path: Path,
+    attempt: _Attempt,
+    model: nn.Module,
+    data_range: float,
+    inputs: Sequence[CheckInput],
+) -> CheckResult:
+    """The graph saved at ``path`` against PyTorch on ``inputs`` (to
+    :data:`EXPORT_TOLERANCE`; the first differing node named when torch.export gave a
+    program), then on a batch of :data:`_TRACE_BATCH` when every single input passed."""
+    program = attempt.program
+    check = check_graph(
+        path,
+        model,
+        data_range,
+        inputs,
+        EXPORT_TOLERANCE,
+        locate=(
+            None
+            if program is None
+            else partial(first_differing_value, program, tolerance=EXPORT_TOLERANCE)
+        ),
+    )
+    if check.failure is None:
+        check = replace(check, failure=batch_failure(path, inputs, _TRACE_BATCH))
+    return check
+
+
 def export_onnx(
     model: nn.Module,
     path: Path,
@@ -432,22 +461,8 @@ def export_onnx(
         proto.producer_name = "esr-deploy"
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(proto, str(path))
-        program = attempt.program
-        check = check_graph(
-            path,
-            model,
-            data_range,
-            inputs,
-            EXPORT_TOLERANCE,
-            locate=(
-                None
-                if program is None
-                else partial(first_differing_value, program, tolerance=EXPORT_TOLERANCE)
-            ),
-        )
+        check = _compare_with_pytorch(path, attempt, model, data_range, inputs)
         notes.extend(check.notes)
-        if check.failure is None:
-            check = replace(check, failure=batch_failure(path, inputs, _TRACE_BATCH))
         if check.failure is None:
             break
         tried.append((attempt, check.failure))

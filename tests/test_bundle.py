@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from manifest_samples import sample_manifest
 
-from esr_deploy.bundle import MANIFEST, SCHEMA_VERSION, STAGING_MARKER, StagedBundle
+from esr_deploy.bundle import MANIFEST, STAGING_MARKER, StagedBundle
 from esr_deploy.errors import BundleError, OutputError
 from esr_deploy.runtime.bundle_reader import (
     DIGEST_FILE,
@@ -23,19 +24,11 @@ from esr_deploy.runtime.bundle_reader import (
     manifest_digest,
     sha256_file,
 )
+from esr_deploy.runtime.manifest import Manifest
 
 
 def _manifest() -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": "m",
-        "backend": "onnxruntime",
-        "engine": {
-            "file": "engine.onnx",
-            "backend_version": "1.2.3",
-            "device": {"kind": "cpu", "flags": ["avx2", "avx512f"]},
-        },
-    }
+    return sample_manifest()
 
 
 def _stage(dest, fail: bool = False) -> None:
@@ -76,8 +69,21 @@ def test_failure_keeps_the_previous_bundle(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_a_manifest_the_reader_would_refuse_is_never_written(tmp_path) -> None:
+    """write_manifest reads the manifest back as a bundle's reader does before writing it."""
+    dest = tmp_path / "m-ort-fp32"
+    broken = _manifest()
+    broken["engine"]["file"] = 3
+    with pytest.raises(RuntimeError, match=r"'engine\.file' is int, not str.*a bug"):
+        with StagedBundle(dest) as staged:
+            (staged.dir / "engine.onnx").write_bytes(b"engine")
+            staged.write_manifest(broken)
+            staged.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_device_mismatch_says_expected_and_found() -> None:
-    m = _manifest()
+    m = Manifest.from_json(_manifest())
     with pytest.raises(BundleError, match=r"built with onnxruntime 1\.2\.3, this machine has 9"):
         check_device(m, "9", {"flags": ["avx2", "avx512f"]})
     with pytest.raises(BundleError, match="lacks.*avx512f"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from user_models.plain_sr import PlainSR
 
 from esr_deploy.errors import ExportError
 from esr_deploy.export import INPUT_NAME, OUTPUT_NAME, derive_input_range, export_onnx
@@ -32,19 +33,7 @@ class TinyESA(nn.Module):
         return self.shuffle(self.tail(f * torch.sigmoid(a)))
 
 
-class Plain(nn.Module):
-    def __init__(self, scale: int = 3) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3 * scale * scale, 3, padding=1)
-        )
-        self.shuffle = nn.PixelShuffle(scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shuffle(self.body(x))
-
-
-class WrongScale(Plain):
+class WrongScale(PlainSR):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -57,7 +46,7 @@ def test_min_input_of_strided_pool_block_is_15() -> None:
 
 
 def test_min_input_of_plain_net_is_1() -> None:
-    assert derive_input_range(Plain().eval(), scale=3).min_hw == (1, 1)
+    assert derive_input_range(PlainSR(scale=3).eval(), scale=3).min_hw == (1, 1)
 
 
 def test_wrong_scale_is_reported() -> None:

@@ -55,10 +55,10 @@ from esr_deploy.backends.base import (
     ModelBackend,
     ModelBuild,
 )
-from esr_deploy.backends.tensorrt import cuda_availability, gpu_info
 from esr_deploy.cpu import bf16_unavailable_reason, cpu_info
 from esr_deploy.errors import BundleError, DataError, ExportError, ValidationError
-from esr_deploy.runtime.bundle_reader import check_device
+from esr_deploy.gpu import cuda_availability, gpu_info
+from esr_deploy.runtime.bundle_reader import check_cpu_flags
 from esr_deploy.shapes import ShapeProfile
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def check_aoti_engine(
             "made it: install that version or recompile the bundle here."
         )
     if built.get("kind") != "gpu":
-        check_device({"engine": engine, "backend": "aotinductor"}, found_torch, found_device)
+        check_cpu_flags(built.get("flags") or (), found_device)
         return
     expected = f"{built.get('name')} (compute capability {built.get('compute_capability')})"
     found = (

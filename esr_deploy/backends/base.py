@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from esr_deploy.precision.calibration import CalibrationSet
     from esr_deploy.precision.int8_kernels import Int8Kernels
+    from esr_deploy.runtime.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Backend(ABC):
         (TensorRT, the portable hand-off ONNX), whose weights keep the full ±127."""
         return None
 
-    def check_engine(self, manifest: Mapping[str, Any]) -> None:
+    def check_engine(self, manifest: Manifest) -> None:
         """Refuse a bundle's engine that this machine cannot run (raises ``BundleError`` with
         what was expected and what was found). Default: same backend version, and a CPU with
         the ISA flags the engine was optimised for."""

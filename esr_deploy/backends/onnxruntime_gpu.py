@@ -13,14 +13,15 @@ Two execution providers of the ``onnxruntime-gpu`` package:
 Build = the engine *is* the given ONNX, copied as ``engine.onnx``: the fp32 export, or the
 float16 ONNX of :mod:`esr_deploy.precision.fp16` for fp16 (its IO stays float32). Precision
 comes from that ONNX, never from a provider option (``trt_fp16_enable`` stays off), exactly
-as for the native TensorRT backend; :func:`esr_deploy.backends.tensorrt.check_onnx_precision`
-refuses an ONNX of the wrong precision.
+as for the native TensorRT backend;
+:func:`esr_deploy.backends.tensorrt_compat.check_onnx_precision` refuses an ONNX of the wrong
+precision.
 
 Loading checks that ONNX Runtime really placed the session on the GPU provider: when CUDA or
 TensorRT libraries are missing ONNX Runtime silently falls back to the CPU.
 
 ``onnxruntime`` is imported by :mod:`esr_deploy.backends.onnxruntime` only; the GPU is
-described by :func:`esr_deploy.backends.tensorrt.gpu_info`.
+described by :func:`esr_deploy.gpu.gpu_info`.
 """
 
 from __future__ import annotations
@@ -33,13 +34,9 @@ from typing import Any
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
 from esr_deploy.backends.onnxruntime import OrtSession, first_line, ort
-from esr_deploy.backends.tensorrt import (
-    check_onnx_precision,
-    cuda_availability,
-    gpu_info,
-    gpu_slug,
-)
+from esr_deploy.backends.tensorrt_compat import check_onnx_precision
 from esr_deploy.errors import BundleError, EsrDeployError, ExportError, TargetUnavailable
+from esr_deploy.gpu import cuda_availability, gpu_info, gpu_slug
 from esr_deploy.paths import cache_root
 from esr_deploy.shapes import ShapeProfile
 

@@ -6,7 +6,7 @@ backend makes that ONNX the bundle's engine and checks it on this CPU, so the bu
 validated (parity and PSNR drop) before it is handed on:
 
 - ``fp16``: ONNX Runtime CPU has no float16 kernels on x86, so the graph runs as
-  :func:`esr_deploy.precision.fp16.emulate_fp16` makes it: every op in float32, every
+  :func:`esr_deploy.precision.fp16_emulation.emulate_fp16` makes it: every op in float32, every
   float16 tensor rounded to float16 at every op boundary (overflow shows as inf).
 - ``int8``: ONNX Runtime runs the Q/DQ graph as written (simulated quantisation: every
   quantised tensor is rounded to its int8 grid), without fusing it into int8 kernels.
@@ -74,7 +74,7 @@ class PortableOnnx(Backend):
     def load(self, engine_path: Path, settings: Mapping[str, Any]) -> EngineSession:
         model = onnx.load(str(engine_path))
         if settings.get("precision") == "fp16":
-            from esr_deploy.precision.fp16 import emulate_fp16
+            from esr_deploy.precision.fp16_emulation import emulate_fp16
 
             model = emulate_fp16(model)
         return OrtSession(cpu_session(model.SerializeToString(), optimize=False))

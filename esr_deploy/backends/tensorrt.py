@@ -4,34 +4,18 @@ Build = parse the ONNX into a **strongly typed** network and let TensorRT pick, 
 the fastest kernels (tactics) for every layer at the optimisation profiles' shapes; the
 serialized plan is the engine (``engine.plan``).
 
-Precision. TensorRT 10 deprecated and TensorRT 11 removed the precision builder flags
-(``FP16``, ``INT8``, ...) and implicit INT8 calibration. A strongly typed network takes every
-tensor's type from the ONNX, so the precision is whatever ONNX is given: the fp32 export, the
-float16 ONNX of :mod:`esr_deploy.precision.fp16`, or the explicit Q/DQ ONNX of
-:mod:`esr_deploy.precision.int8`. :func:`check_onnx_precision` refuses an ONNX that does not
-hold the precision asked for (e.g. the fp32 export for ``trt-fp16``), since TensorRT would
-silently build a float32 engine from it.
-
-Shapes. An engine with dynamic H×W accepts only the shapes of its optimisation profiles,
-each a box ``min ≤ shape ≤ max`` (per dimension) tuned for ``opt``. With the recipe's LR
-profile (opt, max, min), :func:`optimization_profiles` makes one profile with
-``max = (H_max, W_max)`` and, when ``H_max ≠ W_max``, a second with ``max = (W_max, H_max)``:
-every landscape frame up to the max fits the first, every portrait frame the second; both take
-one image. A graph with a dynamic batch gets one more profile for batches: ``min`` batch 1,
-``opt`` batch :data:`OPT_BATCH` at the recipe's opt H×W, ``max`` batch :data:`MAX_BATCH` at
-that same H×W (so a batch never needs more memory than one frame at the profile's max). At run
-time :func:`select_profile` picks the first profile whose box contains the input shape.
+Precision is the ONNX's (the fp32 export, the float16 ONNX of :mod:`esr_deploy.precision.fp16`
+or the explicit Q/DQ ONNX of :mod:`esr_deploy.precision.int8`), checked before a build by
+:func:`~esr_deploy.backends.tensorrt_compat.check_onnx_precision`; which machine a plan runs
+on is checked by :func:`~esr_deploy.backends.tensorrt_compat.check_gpu_engine`. The
+optimisation profiles (the input shapes an engine accepts) are computed in
+:mod:`esr_deploy.backends.tensorrt_profiles`; the GPU is probed by :mod:`esr_deploy.gpu`.
 
 Builds are slow (tactic timing), so the timing cache is kept per GPU model, compute capability
 and TensorRT version under the esr-deploy cache folder (:func:`timing_cache_path`) and reused.
 
 Runtime: I/O through PyTorch CUDA tensors (``set_tensor_address`` + ``execute_async_v3`` on
 the current PyTorch stream); optionally replayed as a CUDA graph for a fixed shape.
-
-Compatibility: a plan runs only with the TensorRT version and on the GPU compute capability
-it was built for, unless built *version-compatible* (runs on the same or a newer TensorRT) or
-*hardware-compatible* (``AMPERE_PLUS``: runs on any GPU of compute capability ≥ 8.0);
-:func:`check_gpu_engine` checks a bundle's manifest against this machine.
 
 ``tensorrt`` is imported here only and is optional: without it (or with only the
 ``tensorrt-stubs`` type stubs installed) the module imports and :meth:`TensorRT.availability`
@@ -51,17 +35,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
 from esr_deploy.backends.base import Availability, Backend, BuiltEngine, EngineSession
-from esr_deploy.errors import (
-    BundleError,
-    EsrDeployError,
-    ExportError,
-    RecipeError,
-    TargetUnavailable,
+from esr_deploy.backends.tensorrt_compat import (
+    AMPERE,
+    SUPPORTED_TRT_MAJORS,
+    check_gpu_engine,
+    check_onnx_precision,
+    version_tuple,
 )
+from esr_deploy.backends.tensorrt_profiles import (
+    MAX_BATCH,
+    ProfileShapes,
+    fmt_shape,
+    nchw,
+    optimization_profiles,
+    select_profile,
+)
+from esr_deploy.errors import BundleError, EsrDeployError, ExportError, TargetUnavailable
+from esr_deploy.gpu import cuda_availability, gpu_info, gpu_slug
 from esr_deploy.paths import cache_root
 from esr_deploy.shapes import ShapeProfile
 
@@ -74,27 +67,9 @@ except ImportError:
 
 ENGINE_FILE = "engine.plan"
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8")
-#: batch profile of a graph with a dynamic batch: opt and max batch (at the recipe's opt H×W)
-OPT_BATCH = 4
-MAX_BATCH = 8
-#: Lowest compute capability with fast arithmetic for each precision (float16: 5.3,
-#: int8 dot products DP4A: 6.1).
-MIN_COMPUTE_CAPABILITY: Mapping[str, tuple[int, int]] = {
-    "fp32": (0, 0),
-    "fp16": (5, 3),
-    "int8": (6, 1),
-}
-#: Hardware-compatible (``AMPERE_PLUS``) engines run on, and are built on, these GPUs.
-AMPERE = (8, 0)
-#: TensorRT major versions whose Python API this module uses.
-SUPPORTED_TRT_MAJORS = (10, 11)
-#: Smallest LR size used when the exporter has not derived the graph's minimum.
-FALLBACK_MIN_HW = (1, 1)
-
-NCHW = tuple[int, int, int, int]
 
 
-# --------------------------------------------------------------------------- pure helpers
+# --------------------------------------------------------------------------- build options
 
 
 @dataclass(frozen=True)
@@ -134,124 +109,6 @@ class TensorRTOptions:
             )
 
 
-@dataclass(frozen=True)
-class ProfileShapes:
-    """One optimisation profile of the engine's input: NCHW ``min ≤ opt ≤ max``."""
-
-    min: NCHW
-    opt: NCHW
-    max: NCHW
-
-    def contains(self, shape: Sequence[int]) -> bool:
-        return len(shape) == 4 and all(
-            lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max, strict=True)
-        )
-
-    def to_dict(self) -> dict[str, list[int]]:
-        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Sequence[int]]) -> ProfileShapes:
-        return cls(_nchw(data["min"]), _nchw(data["opt"]), _nchw(data["max"]))
-
-    def describe(self) -> str:
-        return f"{_fmt_shape(self.min)} to {_fmt_shape(self.max)} (opt {_fmt_shape(self.opt)})"
-
-
-def _nchw(values: Sequence[int]) -> NCHW:
-    n, c, h, w = (int(v) for v in values)
-    return (n, c, h, w)
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "x".join(str(int(d)) for d in shape)
-
-
-def _clip(value: int, lo: int, hi: int) -> int:
-    return max(lo, min(value, hi))
-
-
-def optimization_profiles(
-    profile: ShapeProfile, batch: int = 1, channels: int = 3, max_batch: int = 1
-) -> list[ProfileShapes]:
-    """The engine's optimisation profiles for the LR ``profile`` (see the module docstring).
-
-    Profile 1: ``max = (N, C, H_max, W_max)``; profile 2, only when ``H_max ≠ W_max``:
-    ``max = (N, C, W_max, H_max)``. ``min`` is the exporter's derived minimum
-    (:data:`FALLBACK_MIN_HW` when none was derived), the same in both: it is a property of
-    the graph, per axis, not of the frame's orientation. ``opt`` is the recipe's opt
-    (transposed for the transposed profile, so a portrait profile is tuned for the portrait
-    form of the same frame) clipped into ``[min, max]`` per axis. ``max_batch`` > 1 (a graph
-    with a dynamic batch) adds the batch profile: ``(1..min(OPT_BATCH, max_batch)..max_batch,
-    C, min..opt..opt)``.
-    """
-    h_max, w_max = profile.max
-    h_min, w_min = profile.min or FALLBACK_MIN_HW
-    maxima = [(h_max, w_max)] + ([(w_max, h_max)] if h_max != w_max else [])
-    profiles = []
-    for index, (hi_h, hi_w) in enumerate(maxima):
-        if h_min > hi_h or w_min > hi_w:
-            raise RecipeError(
-                f"The shape profile cannot hold a TensorRT optimisation profile: the smallest "
-                f"input the graph accepts, {h_min}x{w_min}, exceeds the largest, "
-                f"{hi_h}x{hi_w} — raise [profile] max in the recipe."
-            )
-        opt_h, opt_w = profile.opt if index == 0 else (profile.opt[1], profile.opt[0])
-        profiles.append(
-            ProfileShapes(
-                min=(batch, channels, h_min, w_min),
-                opt=(batch, channels, _clip(opt_h, h_min, hi_h), _clip(opt_w, w_min, hi_w)),
-                max=(batch, channels, hi_h, hi_w),
-            )
-        )
-    if max_batch > 1:
-        first = profiles[0]
-        opt_hw = first.opt[2:]
-        profiles.append(
-            ProfileShapes(
-                min=(1, channels, h_min, w_min),
-                opt=(min(OPT_BATCH, max_batch), channels, *opt_hw),
-                max=(max_batch, channels, *opt_hw),
-            )
-        )
-    return profiles
-
-
-def select_profile(profiles: Sequence[ProfileShapes], shape: Sequence[int]) -> int:
-    """Index of the first profile whose ``[min, max]`` box contains ``shape``."""
-    for index, candidate in enumerate(profiles):
-        if candidate.contains(shape):
-            return index
-    ranges = "; ".join(p.describe() for p in profiles) or "none"
-    raise EsrDeployError(
-        f"The TensorRT engine cannot run an input of shape {_fmt_shape(shape)} — its "
-        f"optimisation profiles accept {ranges} — tile the image into pieces that fit, or "
-        "recompile with a larger [profile] max in the recipe."
-    )
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
-
-
-def _cc_tuple(value: str | Sequence[int] | None) -> tuple[int, int] | None:
-    """``"8.6"`` or ``(8, 6)`` → ``(8, 6)``; ``None`` (no GPU) stays ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        major, _, minor = value.partition(".")
-        return (int(major), int(minor or 0))
-    return (int(value[0]), int(value[1]))
-
-
-def gpu_slug(gpu_name: str, compute_capability: str | Sequence[int]) -> str:
-    """``"NVIDIA H100 80GB HBM3", "9.0"`` → ``"nvidia-h100-80gb-hbm3-sm90"``: a file-name-safe
-    key for caches that are valid for one GPU model only."""
-    cc = _cc_tuple(compute_capability)
-    assert cc is not None
-    return f"{_slug(gpu_name)}-sm{cc[0]}{cc[1]}"
-
-
 def timing_cache_path(
     gpu_name: str,
     compute_capability: str | Sequence[int],
@@ -280,127 +137,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:4])
-
-
-def check_onnx_precision(onnx_path: Path, precision: str) -> None:
-    """Refuse an ONNX whose tensors do not hold ``precision`` (strongly typed builds take it
-    from the ONNX): ``fp16`` needs float16 tensors, ``int8`` QuantizeLinear nodes, ``fp32``
-    neither."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    graph = model.graph
-    fp16 = onnx.TensorProto.FLOAT16
-    has_fp16 = (
-        any(t.data_type == fp16 for t in graph.initializer)
-        or any(
-            n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute)
-            for n in graph.node
-        )
-        or any(
-            v.type.tensor_type.elem_type == fp16
-            for v in [*graph.input, *graph.output, *graph.value_info]
-        )
-    )
-    has_qdq = any(n.op_type == "QuantizeLinear" for n in graph.node)
-    seen = ", ".join(
-        [w for w, present in (("float16 tensors", has_fp16), ("Q/DQ nodes", has_qdq)) if present]
-    )
-    problem = {
-        "fp32": "it holds " + seen if seen else "",
-        "fp16": "" if has_fp16 else "it has no float16 tensor",
-        "int8": "" if has_qdq else "it has no QuantizeLinear node",
-    }.get(precision, f"{precision} is not a TensorRT precision")
-    if problem:
-        made_by = {
-            "fp32": "the fp32 export",
-            "fp16": "the float16 ONNX that esr-deploy's fp16 pass writes",
-            "int8": "the explicit Q/DQ ONNX that esr-deploy's int8 pass writes",
-        }.get(precision, "an ONNX of that precision")
-        raise ExportError(
-            f"TensorRT {precision} needs an ONNX in that precision: a strongly typed network "
-            f"takes every tensor's type from the ONNX — {onnx_path.name}: {problem} — build "
-            f"from {made_by}."
-        )
-
-
-def check_gpu_engine(
-    manifest_engine: Mapping[str, Any],
-    found_device: Mapping[str, Any],
-    found_trt_version: str,
-) -> None:
-    """Refuse to run a TensorRT engine on a machine it was not built for.
-
-    ``manifest_engine`` is the manifest's ``engine`` entry (``backend_version``, ``device``,
-    ``settings``); ``found_device`` is :func:`gpu_info` (or :meth:`TensorRT.device`) here.
-
-    - TensorRT version: must equal the one the engine was built with; a version-compatible
-      engine also runs on any newer TensorRT 10.x/11.x.
-    - Compute capability: must equal the one it was built for; a hardware-compatible
-      (``ampere+``) engine runs on any GPU of compute capability ≥ 8.0.
-    - GPU name: a different GPU model of the same compute capability runs the engine
-      correctly (tactics timed on the other model may be slower here); this is only logged as
-      a warning, never refused.
-
-    Raises :class:`BundleError` naming what was expected and what was found.
-    """
-    built_device: Mapping[str, Any] = manifest_engine.get("device") or {}
-    settings: Mapping[str, Any] = manifest_engine.get("settings") or {}
-    built_trt = str(built_device.get("tensorrt") or manifest_engine.get("backend_version"))
-    version_compatible = bool(
-        settings.get("version_compatible", built_device.get("version_compatible", False))
-    )
-    hardware = str(
-        settings.get("hardware_compatibility", built_device.get("hardware_compatibility", "none"))
-    )
-
-    found_v, built_v = _version_tuple(found_trt_version), _version_tuple(built_trt)
-    if version_compatible:
-        if not found_v or found_v < built_v or found_v[0] not in SUPPORTED_TRT_MAJORS:
-            raise BundleError(
-                f"The engine is version-compatible from TensorRT {built_trt} on (TensorRT "
-                f"{'/'.join(map(str, SUPPORTED_TRT_MAJORS))}); this machine has TensorRT "
-                f"{found_trt_version} — install TensorRT {built_trt} or newer, or recompile "
-                "the bundle here."
-            )
-    elif found_v != built_v:
-        raise BundleError(
-            f"The engine was built with TensorRT {built_trt}; this machine has TensorRT "
-            f"{found_trt_version} — install TensorRT {built_trt}, or recompile the bundle here "
-            "(a version-compatible build runs on newer TensorRT)."
-        )
-
-    built_cc = _cc_tuple(built_device.get("compute_capability"))
-    found_cc = _cc_tuple(found_device.get("compute_capability"))
-    built_name, found_name = built_device.get("name"), found_device.get("name")
-    expected = f"{built_name} (compute capability {built_device.get('compute_capability')})"
-    found = f"{found_name} (compute capability {found_device.get('compute_capability')})"
-    if found_cc is None:
-        raise BundleError(
-            f"The engine was built for {expected}; no CUDA GPU is visible here — run it on "
-            "a machine with such a GPU."
-        )
-    if hardware == "ampere+":
-        if found_cc < AMPERE:
-            raise BundleError(
-                f"The engine is hardware-compatible for GPUs of compute capability ≥ "
-                f"{AMPERE[0]}.{AMPERE[1]} (Ampere and newer); this GPU is {found} — run it on "
-                "an Ampere or newer GPU, or recompile the bundle here."
-            )
-    elif built_cc != found_cc:
-        raise BundleError(
-            f"The engine was built for {expected}; this GPU is {found} — recompile the "
-            "bundle on this GPU (or build it hardware-compatible for Ampere and newer)."
-        )
-    if built_name and found_name and built_name != found_name:
-        log.warning(
-            "TensorRT engine built on %s runs on %s: it is compatible, but its kernels were "
-            "timed on the other GPU; recompile here for the best latency",
-            expected,
-            found,
-        )
-
-
 # ------------------------------------------------------------------------- device and probe
 
 
@@ -411,53 +147,6 @@ def tensorrt_version() -> str:
     if not hasattr(trt, "Builder"):
         return "stubs only"
     return str(trt.__version__)
-
-
-def gpu_info() -> dict[str, Any]:
-    """The current CUDA device as a manifest records it, through PyTorch's CUDA API:
-    ``kind``, ``name``, ``compute_capability`` ("major.minor"), ``memory_mib``, ``cuda``
-    (PyTorch's CUDA version). ``name`` and ``compute_capability`` are ``None`` without a
-    visible GPU."""
-    info: dict[str, Any] = {
-        "kind": "gpu",
-        "name": None,
-        "compute_capability": None,
-        "cuda": torch.version.cuda,
-    }
-    if not torch.cuda.is_available():
-        return info
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    info["name"] = torch.cuda.get_device_name(index)
-    info["compute_capability"] = f"{major}.{minor}"
-    info["memory_mib"] = int(torch.cuda.get_device_properties(index).total_memory) >> 20
-    return info
-
-
-def cuda_availability(precision: str) -> Availability:
-    """A CUDA GPU visible to PyTorch, fast enough for ``precision``."""
-    if not torch.cuda.is_available():
-        build = torch.version.cuda
-        seen = (
-            f"PyTorch {torch.__version__} built for CUDA {build}"
-            if build
-            else f"PyTorch {torch.__version__} is a CPU-only build"
-        )
-        return Availability(
-            False,
-            f"no CUDA GPU is visible to PyTorch on this machine ({seen}) — run on a machine "
-            "with an NVIDIA GPU, its driver and a CUDA build of PyTorch",
-        )
-    cc = torch.cuda.get_device_capability()
-    need = MIN_COMPUTE_CAPABILITY.get(precision, (0, 0))
-    if cc < need:
-        return Availability(
-            False,
-            f"{precision} needs a GPU of compute capability ≥ {need[0]}.{need[1]}; "
-            f"{torch.cuda.get_device_name()} has {cc[0]}.{cc[1]} — use an fp32 target "
-            "or a newer GPU",
-        )
-    return Availability(True)
 
 
 def _dims(dims: Any) -> tuple[int, ...]:
@@ -540,6 +229,59 @@ def _parser_errors(parser: trt.OnnxParser) -> list[str]:
     return lines
 
 
+def _parse_image_network(
+    parser: trt.OnnxParser, network: trt.INetworkDefinition, onnx_path: Path, recorder: _LogRecorder
+) -> trt.ITensor:
+    """Parse ``onnx_path`` into ``network``; its one NCHW image input (else ExportError)."""
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = _parser_errors(parser) or [recorder.last_errors()]
+        raise ExportError(
+            f"TensorRT {trt.__version__} could not parse {onnx_path.name}:\n  "
+            + "\n  ".join(errors)
+            + "\n— where a node is named, TensorRT has no importer for that op or those "
+            "attributes: replace the op in the model, or choose an ONNX Runtime target; "
+            "where it names an opset or IR version, upgrade TensorRT."
+        )
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise ExportError(
+            f"{onnx_path.name} has {network.num_inputs} inputs and {network.num_outputs} "
+            "outputs; esr-deploy builds engines with one image input and one output — "
+            "export the model with a single NCHW input and output."
+        )
+    inp = network.get_input(0)
+    if len(_dims(inp.shape)) != 4:
+        raise ExportError(
+            f"The input '{inp.name}' of {onnx_path.name} has shape {_dims(inp.shape)}; "
+            "esr-deploy engines take NCHW images — export the model with a 4-D input."
+        )
+    return inp
+
+
+def _add_profiles(
+    builder: trt.Builder, config: trt.IBuilderConfig, inp: trt.ITensor, shape: ShapeProfile
+) -> list[ProfileShapes]:
+    """The optimisation profiles of a graph with dynamic H×W, added to ``config``
+    (:func:`optimization_profiles`); a static graph's one shape, which needs none."""
+    in_shape = _dims(inp.shape)
+    if all(d >= 0 for d in in_shape[2:]):  # a static graph: the one shape it was exported with
+        fixed = nchw(in_shape)
+        return [ProfileShapes(fixed, fixed, fixed)]
+    batch = in_shape[0] if in_shape[0] > 0 else 1
+    channels = in_shape[1] if in_shape[1] > 0 else 3
+    max_batch = MAX_BATCH if in_shape[0] < 0 else 1
+    profiles = optimization_profiles(shape, batch, channels, max_batch)
+    for shapes in profiles:
+        p = builder.create_optimization_profile()
+        p.set_shape(
+            inp.name,
+            trt.Dims(list(shapes.min)),
+            trt.Dims(list(shapes.opt)),
+            trt.Dims(list(shapes.max)),
+        )
+        config.add_optimization_profile(p)
+    return profiles
+
+
 # --------------------------------------------------------------------------------- session
 
 
@@ -595,12 +337,12 @@ class TensorRTSession(EngineSession):
     def _engine_profiles(self) -> list[ProfileShapes]:
         static = _dims(self._engine.get_tensor_shape(self.input_name))
         if all(d >= 0 for d in static):
-            fixed = _nchw(static)
+            fixed = nchw(static)
             return [ProfileShapes(fixed, fixed, fixed)]
         profiles = []
         for index in range(self._engine.num_optimization_profiles):
             lo, opt, hi = self._engine.get_tensor_profile_shape(self.input_name, index)
-            profiles.append(ProfileShapes(_nchw(_dims(lo)), _nchw(_dims(opt)), _nchw(_dims(hi))))
+            profiles.append(ProfileShapes(nchw(_dims(lo)), nchw(_dims(opt)), nchw(_dims(hi))))
         return profiles
 
     def _prepare(self, x: torch.Tensor, stream: int) -> torch.Tensor:
@@ -611,14 +353,14 @@ class TensorRTSession(EngineSession):
             if not self._context.set_optimization_profile_async(index, stream):
                 raise EsrDeployError(
                     f"TensorRT could not switch to optimisation profile {index} for an input "
-                    f"of shape {_fmt_shape(shape)} — recompile the bundle."
+                    f"of shape {fmt_shape(shape)} — recompile the bundle."
                 )
             self._active_profile = index
             self._input_shape = None
         if shape != self._input_shape:
             if not self._context.set_input_shape(self.input_name, shape):
                 raise EsrDeployError(
-                    f"TensorRT refused the input shape {_fmt_shape(shape)} — the engine "
+                    f"TensorRT refused the input shape {fmt_shape(shape)} — the engine "
                     f"accepts {'; '.join(p.describe() for p in self.profiles)}."
                 )
             self._input_shape = shape
@@ -734,7 +476,7 @@ class TensorRT(Backend):
                 f"TensorRT cannot be used: {seen} (TensorRT needs an NVIDIA GPU; pip install "
                 "'esr-deploy[tensorrt]' on a GPU machine)",
             )
-        version = _version_tuple(trt.__version__)
+        version = version_tuple(trt.__version__)
         if not version or version[0] not in SUPPORTED_TRT_MAJORS:
             return Availability(
                 False,
@@ -804,58 +546,11 @@ class TensorRT(Backend):
         recorder.clear()
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = _parser_errors(parser) or [recorder.last_errors()]
-            raise ExportError(
-                f"TensorRT {trt.__version__} could not parse {onnx_path.name}:\n  "
-                + "\n  ".join(errors)
-                + "\n— where a node is named, TensorRT has no importer for that op or those "
-                "attributes: replace the op in the model, or choose an ONNX Runtime target; "
-                "where it names an opset or IR version, upgrade TensorRT."
-            )
-        if network.num_inputs != 1 or network.num_outputs != 1:
-            raise ExportError(
-                f"{onnx_path.name} has {network.num_inputs} inputs and {network.num_outputs} "
-                "outputs; esr-deploy builds engines with one image input and one output — "
-                "export the model with a single NCHW input and output."
-            )
-        inp = network.get_input(0)
-        in_shape = _dims(inp.shape)
-        if len(in_shape) != 4:
-            raise ExportError(
-                f"The input '{inp.name}' of {onnx_path.name} has shape {in_shape}; esr-deploy "
-                "engines take NCHW images — export the model with a 4-D input."
-            )
+        parser = trt.OnnxParser(network, logger)  # owns the weights: alive until the build
+        inp = _parse_image_network(parser, network, onnx_path, recorder)
         config = builder.create_builder_config()
-        if any(d < 0 for d in in_shape[2:]):
-            batch = in_shape[0] if in_shape[0] > 0 else 1
-            channels = in_shape[1] if in_shape[1] > 0 else 3
-            max_batch = MAX_BATCH if in_shape[0] < 0 else 1
-            shape = profile or ShapeProfile()
-            profiles = optimization_profiles(shape, batch, channels, max_batch)
-            for shapes in profiles:
-                p = builder.create_optimization_profile()
-                p.set_shape(
-                    inp.name,
-                    trt.Dims(list(shapes.min)),
-                    trt.Dims(list(shapes.opt)),
-                    trt.Dims(list(shapes.max)),
-                )
-                config.add_optimization_profile(p)
-        else:  # a static graph: the one shape it was exported with
-            fixed = _nchw(in_shape)
-            profiles = [ProfileShapes(fixed, fixed, fixed)]
-        config.builder_optimization_level = opts.optimization_level
-        if opts.workspace_mib is not None:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
-        if opts.hardware_compatible:
-            config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-        if opts.version_compatible:
-            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        if not opts.tf32:
-            config.clear_flag(trt.BuilderFlag.TF32)
-
+        profiles = _add_profiles(builder, config, inp, profile or ShapeProfile())
+        self._configure(config)
         device = self.device()
         cache_path = timing_cache_path(
             str(device["name"]), str(device["compute_capability"]), trt.__version__
@@ -906,6 +601,19 @@ class TensorRT(Backend):
                 "build_seconds": round(seconds, 3),
             },
         )
+
+    def _configure(self, config: trt.IBuilderConfig) -> None:
+        """The build options on ``config`` (see :class:`TensorRTOptions`)."""
+        opts = self.options
+        config.builder_optimization_level = opts.optimization_level
+        if opts.workspace_mib is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
+        if opts.hardware_compatible:
+            config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+        if opts.version_compatible:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if not opts.tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
 
     def check_engine(self, manifest: Mapping[str, Any]) -> None:
         """GPU, compute capability and TensorRT version (see :func:`check_gpu_engine`)."""

@@ -14,6 +14,7 @@ from typing import Any
 from esr_deploy.bundle import MANIFEST
 from esr_deploy.errors import BundleError, EsrDeployError
 from esr_deploy.gate.engines import (
+    LoadedEngine,
     bench_inputs,
     check_run,
     input_key,
@@ -26,6 +27,7 @@ from esr_deploy.gate.engines import (
 from esr_deploy.gate.options import BenchOptions
 from esr_deploy.gate.report import BenchReport, EngineTiming
 from esr_deploy.gate.statistics import baseline_interval, ratio_interval
+from esr_deploy.shapes import HW
 from esr_deploy.validate.latency import LatencyStats
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,9 @@ def compare_bundles(
             "different models"
         )
     for key in ("name", "target", "scale"):
-        if cand.manifest.get(key) != ref.manifest.get(key):
-            warnings.append(
-                f"{key} differs: candidate {cand.manifest.get(key)!r}, reference "
-                f"{ref.manifest.get(key)!r}"
-            )
+        mine, theirs = getattr(cand.manifest, key), getattr(ref.manifest, key)
+        if mine != theirs:
+            warnings.append(f"{key} differs: candidate {mine!r}, reference {theirs!r}")
     (stats_cand, stats_ref), times = timed_rounds(
         [partial(cand.session.run, x_cand), partial(ref.session.run, x_ref)], options
     )
@@ -164,45 +164,11 @@ def compare_to_baseline(
     engine = open_engine(candidate, options.expect_digest)
     shape = resolve_shape(options, [engine])
     key = input_key(engine.manifest, shape)
-    recorded_all: dict[str, Any] = base["latency_ms"]
-    recorded = recorded_all.get(key)
-    if not isinstance(recorded, dict) or "median" not in recorded:
-        has = ", ".join(recorded_all) or "none (it was compiled with --no-latency)"
-        hint = (
-            f" — bench at a shape it has (e.g. --shape {next(iter(recorded_all)).split('x', 2)[2]})"
-            if recorded_all
-            else " — recompile the baseline with --latency-shape"
-        )
-        raise EsrDeployError(
-            f"The baseline {baseline_file} recorded no latency for {key} — it has: {has}"
-            f"{hint}, or record the baseline at this shape "
-            f"(esr-deploy compile --latency-shape {shape[0]}x{shape[1]})."
-        )
+    recorded = _recorded_latency(baseline_file, base["latency_ms"], key, shape)
     f0 = float(recorded["median"])
-    if not (math.isfinite(f0) and f0 > 0):
-        raise EsrDeployError(
-            f"The baseline {baseline_file} records a median of {recorded['median']!r} ms for "
-            f"{key} — not a time; recompile the baseline."
-        )
     base_engine = base.get("engine") or {}
     recorded_device = base_engine.get("device") or {}
-    diffs = machine_differences(
-        recorded_device, engine.here, base_engine.get("backend_version"), engine.backend_version
-    )
-    warnings = []
-    if diffs:
-        warnings.append(
-            "the baseline was recorded on another machine type ("
-            + "; ".join(diffs)
-            + "): its latency is not comparable with this machine's — run the gate on the "
-            "machine type the baseline was recorded on, or use --against with the reference "
-            "engine"
-        )
-    if base.get("target") != engine.manifest.get("target"):
-        warnings.append(
-            f"target differs: candidate {engine.manifest.get('target')!r}, baseline "
-            f"{base.get('target')!r}"
-        )
+    warnings = _baseline_warnings(base, engine, recorded_device)
     notes = (
         "a recorded baseline is comparable only on the same machine type: it was recorded on "
         f"{_describe(recorded_device)}, this is {_describe(engine.here)}; the interval covers "
@@ -250,6 +216,63 @@ def compare_to_baseline(
         warnings,
         notes,
     )
+
+
+def _recorded_latency(
+    baseline_file: Path, recorded_all: Mapping[str, Any], key: str, shape: HW
+) -> Mapping[str, Any]:
+    """The baseline's latency entry for input ``key``, with a positive finite median.
+
+    Raises:
+        EsrDeployError: no entry for ``key`` (the message lists the keys there are), or a
+            median that is not a time.
+    """
+    recorded = recorded_all.get(key)
+    if not isinstance(recorded, dict) or "median" not in recorded:
+        has = ", ".join(recorded_all) or "none (it was compiled with --no-latency)"
+        hint = (
+            f" — bench at a shape it has (e.g. --shape {next(iter(recorded_all)).split('x', 2)[2]})"
+            if recorded_all
+            else " — recompile the baseline with --latency-shape"
+        )
+        raise EsrDeployError(
+            f"The baseline {baseline_file} recorded no latency for {key} — it has: {has}"
+            f"{hint}, or record the baseline at this shape "
+            f"(esr-deploy compile --latency-shape {shape[0]}x{shape[1]})."
+        )
+    f0 = float(recorded["median"])
+    if not (math.isfinite(f0) and f0 > 0):
+        raise EsrDeployError(
+            f"The baseline {baseline_file} records a median of {recorded['median']!r} ms for "
+            f"{key} — not a time; recompile the baseline."
+        )
+    return recorded
+
+
+def _baseline_warnings(
+    base: Mapping[str, Any], engine: LoadedEngine, recorded_device: Mapping[str, Any]
+) -> list[str]:
+    """Why the baseline's median may not be comparable: another machine type (CPU model,
+    cores, flags, GPU, backend version) or another target."""
+    base_engine = base.get("engine") or {}
+    diffs = machine_differences(
+        recorded_device, engine.here, base_engine.get("backend_version"), engine.backend_version
+    )
+    warnings = []
+    if diffs:
+        warnings.append(
+            "the baseline was recorded on another machine type ("
+            + "; ".join(diffs)
+            + "): its latency is not comparable with this machine's — run the gate on the "
+            "machine type the baseline was recorded on, or use --against with the reference "
+            "engine"
+        )
+    if base.get("target") != engine.manifest.get("target"):
+        warnings.append(
+            f"target differs: candidate {engine.manifest.get('target')!r}, baseline "
+            f"{base.get('target')!r}"
+        )
+    return warnings
 
 
 def _describe(device: Mapping[str, Any]) -> str:

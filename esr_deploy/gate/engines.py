@@ -14,6 +14,7 @@ from esr_deploy.errors import BundleError, EsrDeployError
 from esr_deploy.gate.options import FALLBACK_SHAPE, BenchOptions
 from esr_deploy.gate.report import BenchReport, EngineTiming
 from esr_deploy.runtime.bundle_reader import Bundle, open_bundle
+from esr_deploy.runtime.manifest import Manifest
 from esr_deploy.shapes import HW
 from esr_deploy.validate.latency import LatencyStats, interleaved_times
 from esr_deploy.validate.latency import summarise as summarise_latency
@@ -32,12 +33,12 @@ class LoadedEngine:
     backend_version: str
 
     @property
-    def manifest(self) -> Mapping[str, Any]:
+    def manifest(self) -> Manifest:
         return self.bundle.manifest
 
     @property
     def label(self) -> str:
-        return f"{self.manifest.get('name', '?')} ({self.manifest.get('target', '?')})"
+        return f"{self.manifest.name} ({self.manifest.target})"
 
 
 def open_engine(path: str | Path, digest: str | None = None) -> LoadedEngine:
@@ -51,44 +52,38 @@ def open_engine(path: str | Path, digest: str | None = None) -> LoadedEngine:
 
     bundle = open_bundle(path, digest=digest)  # refuses a manifest without target/engine
     manifest = bundle.manifest
-    _, backend = require_available(str(manifest["target"]))
+    _, backend = require_available(manifest.target)
     if not backend.measures_latency:
         raise EsrDeployError(
-            f"Cannot time {bundle.path}: target {manifest['target']} is a hand-off artefact "
+            f"Cannot time {bundle.path}: target {manifest.target} is a hand-off artefact "
             "checked here by emulation, its speed here means nothing — bench the engine built "
             "from it (e.g. a trt-* bundle) on the machine it is meant for."
         )
     backend.check_engine(manifest)
-    session = backend.load(bundle.engine_path, manifest["engine"].get("settings", {}))
+    session = backend.load(bundle.engine_path, manifest.engine.settings)
     return LoadedEngine(bundle, session, dict(backend.device()), backend.version())
 
 
-def default_shape(manifest: Mapping[str, Any]) -> HW:
+def default_shape(manifest: Manifest) -> HW:
     """The profile's ``opt`` LR shape, else :data:`FALLBACK_SHAPE`."""
-    opt = (manifest.get("profile") or {}).get("opt")
-    if opt and len(opt) == 2:
-        return int(opt[0]), int(opt[1])
-    return FALLBACK_SHAPE
+    return manifest.profile.opt or FALLBACK_SHAPE
 
 
-def input_channels(manifest: Mapping[str, Any]) -> int:
-    try:
-        channels = manifest["inputs"][0]["shape"][1]
-    except (KeyError, IndexError, TypeError):
-        return 3
-    return channels if isinstance(channels, int) else 3
+def input_channels(manifest: Manifest) -> int:
+    """The input's channel count as declared (3 when the shape does not say)."""
+    return manifest.inputs[0].channels or 3
 
 
-def input_key(manifest: Mapping[str, Any], shape: HW) -> str:
+def input_key(manifest: Manifest, shape: HW) -> str:
     """The manifest's ``latency_ms`` key of an LR shape: ``1xCxHxW``."""
     return f"1x{input_channels(manifest)}x{shape[0]}x{shape[1]}"
 
 
 def check_shape(engine: LoadedEngine, shape: HW) -> None:
     """Refuse an LR shape outside the engine's profile (``min``..``max``)."""
-    profile = engine.manifest.get("profile") or {}
+    profile = engine.manifest.profile
     h, w = shape
-    low, high = profile.get("min"), profile.get("max")
+    low, high = profile.min, profile.max
     if low and (h < low[0] or w < low[1]):
         raise EsrDeployError(
             f"--shape {h}x{w} is below the smallest input {low[0]}x{low[1]} that "
@@ -106,7 +101,7 @@ def bench_inputs(engines: Sequence[LoadedEngine], shape: HW, seed: int) -> list[
     """One seeded uniform draw, scaled to each engine's ``data_range``."""
     channels = input_channels(engines[0].manifest)
     u = np.random.default_rng(seed).random((1, channels, *shape), dtype=np.float32)
-    return [(u * float(e.manifest.get("data_range", 1.0))).astype(np.float32) for e in engines]
+    return [(u * e.manifest.data_range).astype(np.float32) for e in engines]
 
 
 def check_run(engine: LoadedEngine, x: np.ndarray) -> tuple[int, ...]:
@@ -134,12 +129,11 @@ def timed_rounds(
 
 
 def timing(role: str, engine: LoadedEngine, stats: LatencyStats) -> EngineTiming:
-    m = engine.manifest
     return EngineTiming(
         role=role,
         source=str(engine.bundle.path),
-        name=str(m.get("name", "?")),
-        target=str(m.get("target", "?")),
+        name=engine.manifest.name,
+        target=engine.manifest.target,
         device=engine.here,
         stats=stats,
     )

@@ -10,7 +10,7 @@ In eval mode ``BN(y) = γ (y - μ) / sqrt(σ² + ε) + β`` is a per-channel aff
 3. **a lone BN** (between nonlinearities) becomes a depthwise 1×1 conv ``s·x + t``, so no
    BatchNormalization node reaches the ONNX graph.
 
-The kernels are computed by the shared engine (:mod:`esr_deploy.passes.linear_region`) in
+The kernels are computed by the shared engine (:mod:`esr_deploy.passes.region_fold`) in
 float64; this module only chooses the regions.
 """
 
@@ -20,16 +20,10 @@ from collections.abc import Sequence
 
 from torch import fx
 
-from esr_deploy.passes.linear_region import (
-    Analysis,
-    Fold,
-    Region,
-    RegionFoldingPass,
-    is_batchnorm,
-    is_conv,
-    region_from_nodes,
-    single_consumer,
-)
+from esr_deploy.passes.affine_ops import Analysis, is_batchnorm, is_conv
+from esr_deploy.passes.linear_region import Region, region_from_nodes, single_consumer
+from esr_deploy.passes.region_fold import Fold
+from esr_deploy.passes.region_pass import RegionFoldingPass
 
 
 class FoldBatchNorm(RegionFoldingPass):

@@ -12,13 +12,9 @@ import operator
 
 import torch
 
-from esr_deploy.passes.linear_region import (
-    Analysis,
-    Region,
-    RegionFoldingPass,
-    is_conv,
-    region_from_nodes,
-)
+from esr_deploy.passes.affine_ops import Analysis, is_conv
+from esr_deploy.passes.linear_region import Region, region_from_nodes
+from esr_deploy.passes.region_pass import RegionFoldingPass
 
 _ADDS = {
     operator.add,

@@ -27,19 +27,10 @@ from collections.abc import Sequence
 
 from torch import fx
 
-from esr_deploy.passes.linear_region import (
-    Analysis,
-    Fold,
-    Region,
-    RegionFoldingPass,
-    block_boundaries,
-    branch_points,
-    conv_cost,
-    is_batchnorm,
-    is_conv,
-    is_passive,
-    maximal_regions,
-)
+from esr_deploy.passes.affine_ops import Analysis, is_batchnorm, is_conv, is_passive
+from esr_deploy.passes.linear_region import Region, block_boundaries, branch_points, maximal_regions
+from esr_deploy.passes.region_fold import Fold, conv_cost
+from esr_deploy.passes.region_pass import RegionFoldingPass
 
 
 class FoldReparam(RegionFoldingPass):

@@ -12,14 +12,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from esr_deploy.passes.linear_region import (
-    Analysis,
-    Region,
-    RegionFoldingPass,
-    is_conv,
-    region_from_nodes,
-    single_consumer,
-)
+from esr_deploy.passes.affine_ops import Analysis, is_conv
+from esr_deploy.passes.linear_region import Region, region_from_nodes, single_consumer
+from esr_deploy.passes.region_pass import RegionFoldingPass
 
 
 class MergeLinearChains(RegionFoldingPass):

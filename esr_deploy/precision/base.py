@@ -45,7 +45,7 @@ def fp16_range(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> tuple[fl
     """Largest |value| any float16 tensor of ``model`` takes on ``inputs`` (before rounding)
     and the tensor that takes it; float16 rounding is emulated at every op boundary."""
     from esr_deploy.backends.onnxruntime import cpu_session
-    from esr_deploy.precision.fp16 import emulate_fp16
+    from esr_deploy.precision.fp16_emulation import emulate_fp16
 
     emulated = emulate_fp16(model, expose_raw=True)
     session = cpu_session(emulated.SerializeToString(), optimize=False)

@@ -52,12 +52,9 @@ Rules of :func:`convert_fp16`:
 6. **Result.** ``value_info`` is dropped and re-inferred; the IR and opset versions are the
    input's; ``onnx.checker.check_model(full_check=True)`` must pass.
 
-:func:`emulate_fp16` rewrites a converted model into float32 ops with float16 *storage*: every
-float16 tensor is computed in float32 as ``<name>__raw`` and rounded
-(``Cast(FLOAT16) → Cast(FLOAT)``) into ``<name>``, so ONNX Runtime CPU (few float16 kernels on
-x86) reproduces "float16 between ops" and an overflow shows as ``inf``. It models float32
-accumulation inside each op (as TensorRT's float16 convolutions do), not float16 arithmetic
-within an op.
+:func:`~esr_deploy.precision.fp16_emulation.emulate_fp16` runs the result on CPUs without
+float16 kernels (float32 ops, float16 storage); :mod:`~esr_deploy.precision.onnx_graph` holds
+the naming, inference and checking both share.
 """
 
 from __future__ import annotations
@@ -65,7 +62,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -74,6 +71,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from esr_deploy.errors import ExportError
+from esr_deploy.precision.onnx_graph import (
+    DEFAULT_DOMAINS,
+    UniqueNames,
+    check,
+    elem_types,
+    infer,
+    name_nodes,
+    opset_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +121,6 @@ UNSAFE_OPS: Mapping[str, str] = MappingProxyType(
 
 _FLOAT = TensorProto.FLOAT
 _FLOAT16 = TensorProto.FLOAT16
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 #: ops that read only the shape of their input: either precision will do, no Cast needed
 _SHAPE_READERS = frozenset({"Shape", "Size"})
 
@@ -150,89 +155,6 @@ class Fp16Result:
             "range_margin": self.margin,
             "kept_float32": [k.to_dict() for k in self.kept_float32],
         }
-
-
-class _Names:
-    """Fresh, deterministic tensor and node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.used: set[str] = {i.name for i in graph.input} | {o.name for o in graph.output}
-        self.used |= {t.name for t in graph.initializer}
-        for node in graph.node:
-            self.used.add(node.name)
-            self.used.update(node.input)
-            self.used.update(node.output)
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
-
-
-def _name_nodes(graph: onnx.GraphProto) -> None:
-    """Give unnamed nodes ``f"{op_type}_{index}"`` and make every node name unique."""
-    taken = {n.name for n in graph.node if n.name}
-    seen: set[str] = set()
-    for index, node in enumerate(graph.node):
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        base = node.name or f"{node.op_type}_{index}"
-        name, k = base, 0
-        while name in taken or name in seen:
-            k += 1
-            name = f"{base}_{k}"
-        node.name = name
-        seen.add(name)
-        taken.add(name)
-
-
-def _opset_version(model: onnx.ModelProto, domain: str) -> int | None:
-    for opset in model.opset_import:
-        if opset.domain == domain or (
-            domain in _DEFAULT_DOMAINS and opset.domain in _DEFAULT_DOMAINS
-        ):
-            return int(opset.version)
-    return None
-
-
-def _infer(model: onnx.ModelProto, what: str) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-        raise ExportError(
-            f"{what} failed — ONNX shape inference rejects the graph: {exc} — check that the "
-            "model is a valid ONNX export (onnx.checker.check_model(full_check=True))."
-        ) from exc
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor the inferred model knows (0 entries are left out)."""
-    types: dict[str, int] = {}
-    graph = model.graph
-    for info in [*graph.input, *graph.value_info, *graph.output]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-            types[info.name] = info.type.tensor_type.elem_type
-    for init in graph.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
-def _check(model: onnx.ModelProto, what: str) -> onnx.ModelProto:
-    """Re-infer value_info from scratch and run the full checker."""
-    model.graph.ClearField("value_info")
-    inferred = _infer(model, what)
-    try:
-        onnx.checker.check_model(inferred, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(
-            f"{what} produced a graph that onnx.checker rejects — {exc} — this is a bug in "
-            "esr-deploy's fp16 pass: please report it, and use an fp32 target meanwhile."
-        ) from exc
-    return inferred
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -290,6 +212,29 @@ class _Fp16Node:
     outputs: frozenset[int]
 
 
+@dataclass
+class _Edits:
+    """What a conversion adds and renames, collected before the node list is rebuilt."""
+
+    names: UniqueNames
+    name16: dict[str, str] = field(default_factory=dict)  # float tensor -> its float16 form
+    name32: dict[str, str] = field(default_factory=dict)  # float16 tensor -> its float32 form
+    casts_after: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)  # by producer
+    casts_first: list[onnx.NodeProto] = field(default_factory=list)  # of graph inputs
+    new_inits: list[onnx.TensorProto] = field(default_factory=list)
+    retargeted: set[int] = field(default_factory=set)  # shape Casts now to FLOAT16
+    renamed_outputs: dict[str, str] = field(default_factory=dict)
+    casts: int = 0
+
+    def cast(self, src: str, dst: str, to: int) -> onnx.NodeProto:
+        """A boundary Cast (counted in ``casts``)."""
+        self.casts += 1
+        suffix = "to_fp16" if to == _FLOAT16 else "to_fp32"
+        return helper.make_node(
+            "Cast", [src], [dst], name=self.names.fresh(f"{src}__{suffix}"), to=to
+        )
+
+
 class _Converter:
     """One conversion (state shared by the steps of :func:`convert_fp16`)."""
 
@@ -299,7 +244,7 @@ class _Converter:
         self.absmax = absmax
         self.margin = margin
         self.limit = FP16_MAX * margin
-        self.types = _elem_types(_infer(model, "fp16 conversion"))
+        self.types = elem_types(infer(model, "fp16 conversion"))
         self.graph_inputs = {i.name for i in self.graph.input}
         self.graph_outputs = {o.name for o in self.graph.output}
         self.initializers = {
@@ -311,7 +256,7 @@ class _Converter:
             for out in node.output:
                 if out:
                     self.producer[out] = index
-            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
                 self.constants[node.output[0]] = node
         self._constant_absmax: dict[str, float] = {}
         self._unknown_logged: set[str] = set()
@@ -357,7 +302,7 @@ class _Converter:
 
     def decide(self, node: onnx.NodeProto) -> _Fp16Node | str:
         """The node's float16 form, or the reason it stays float32."""
-        default = node.domain in _DEFAULT_DOMAINS
+        default = node.domain in DEFAULT_DOMAINS
         if default and node.op_type in UNSAFE_OPS:
             if not (node.op_type == "Div" and self.constant_divisor(node)):
                 return UNSAFE_OPS[node.op_type]
@@ -367,7 +312,7 @@ class _Converter:
         ):
             return "holds a subgraph: If/Loop/Scan bodies are not converted"
         domain = "" if default else node.domain
-        version = _opset_version(self.model, domain)
+        version = opset_version(self.model, domain)
         try:
             schema = onnx.defs.get_schema(node.op_type, version or 1, domain)
         except onnx.defs.SchemaError:
@@ -420,12 +365,43 @@ class _Converter:
     # -- the rewrite -------------------------------------------------------------------------
 
     def run(self) -> Fp16Result:
+        plan, kept, data = self.plan()
         graph = self.graph
+        produced16 = {
+            graph.node[index].output[j] for index, fp16 in plan.items() for j in fp16.outputs
+        }
+        need16, need32 = self.readers(plan)
+        edits = _Edits(UniqueNames(graph))
+        self.float16_outputs(edits, produced16, need32)
+        self.float16_inputs(edits, need16 - produced16, need32, plan, data)
+        new_nodes = self.rewire(edits, plan, produced16)
+        graph.ClearField("node")
+        graph.node.extend(new_nodes)
+        graph.initializer.extend(edits.new_inits)
+        checked = check(self.model, "fp16 conversion")
+        fp16_nodes = len(plan) + len(edits.retargeted)
+        log.info(
+            "fp16: %d nodes in float16, %d kept float32, %d casts inserted",
+            fp16_nodes,
+            len(kept),
+            edits.casts,
+        )
+        return Fp16Result(
+            model=checked,
+            kept_float32=tuple(kept),
+            fp16_nodes=fp16_nodes,
+            casts_inserted=edits.casts,
+            margin=self.margin,
+        )
+
+    def plan(self) -> tuple[dict[int, _Fp16Node], list[KeptFloat32], set[str]]:
+        """Rule 2: the float16 form of each image-data node (by index), the nodes kept
+        float32 with their reasons, and the image-data tensors (rule 1)."""
         data = {name for name in self.graph_inputs if self.is_float(name)}
         data -= set(self.initializers)
         plan: dict[int, _Fp16Node] = {}
         kept: list[KeptFloat32] = []
-        for index, node in enumerate(graph.node):
+        for index, node in enumerate(self.graph.node):
             if not node.output or not self.is_float(node.output[0]):
                 continue
             if not any(name in data for name in node.input if name):
@@ -437,14 +413,14 @@ class _Converter:
                 log.debug("fp16: %s (%s) stays float32: %s", node.name, node.op_type, decision)
             else:
                 plan[index] = decision
+        return plan, kept, data
 
-        # who reads each float32 tensor, and in which precision
-        produced16 = {
-            graph.node[index].output[j] for index, fp16 in plan.items() for j in fp16.outputs
-        }
+    def readers(self, plan: Mapping[int, _Fp16Node]) -> tuple[set[str], set[str]]:
+        """Rule 3: the float tensors read in float16, and those read in float32 (the graph
+        outputs included; ``Shape``/``Size`` read either)."""
         need16: set[str] = set()
         need32: set[str] = set(self.graph_outputs)
-        for index, node in enumerate(graph.node):
+        for index, node in enumerate(self.graph.node):
             for i, name in enumerate(node.input):
                 if not self.is_float(name):
                     continue
@@ -452,52 +428,53 @@ class _Converter:
                     need16.add(name)
                 elif node.op_type not in _SHAPE_READERS:
                     need32.add(name)
+        return need16, need32
 
-        names = _Names(graph)
-        name16: dict[str, str] = {}  # float tensor -> its float16 form
-        name32: dict[str, str] = {}  # float16 tensor -> its float32 form
-        casts_after: dict[str, list[onnx.NodeProto]] = {}  # producer tensor -> Casts to emit
-        casts_first: list[onnx.NodeProto] = []
-        new_inits: list[onnx.TensorProto] = []
-        retargeted: set[int] = set()
-        renamed_outputs: dict[str, str] = {}
-        casts = 0
-
-        def cast(src: str, dst: str, to: int) -> onnx.NodeProto:
-            suffix = "to_fp16" if to == _FLOAT16 else "to_fp32"
-            return helper.make_node(
-                "Cast", [src], [dst], name=names.fresh(f"{src}__{suffix}"), to=to
-            )
-
+    def float16_outputs(self, edits: _Edits, produced16: set[str], need32: set[str]) -> None:
+        """Rule 5 for tensors computed in float16: a Cast to float32 where float32 reads
+        them; a graph output is renamed ``<name>__fp16`` and cast back into its own name."""
+        names = edits.names
         for name in sorted(produced16):
             if name in self.graph_outputs:
-                name16[name] = names.fresh(f"{name}__fp16")
-                renamed_outputs[name] = name16[name]
-                name32[name] = name
+                edits.name16[name] = names.fresh(f"{name}__fp16")
+                edits.renamed_outputs[name] = edits.name16[name]
+                edits.name32[name] = name
             else:
-                name16[name] = name
+                edits.name16[name] = name
                 if name in need32:
-                    name32[name] = names.fresh(f"{name}__fp32")
-            if name in name32:
-                casts_after.setdefault(name, []).append(cast(name16[name], name32[name], _FLOAT))
-                casts += 1
+                    edits.name32[name] = names.fresh(f"{name}__fp32")
+            if name in edits.name32:
+                cast = edits.cast(edits.name16[name], edits.name32[name], _FLOAT)
+                edits.casts_after.setdefault(name, []).append(cast)
 
-        for name in sorted(need16 - produced16):
+    def float16_inputs(
+        self,
+        edits: _Edits,
+        float32_read16: set[str],
+        need32: set[str],
+        plan: Mapping[int, _Fp16Node],
+        data: set[str],
+    ) -> None:
+        """Rules 4 and 5 for float32 tensors read in float16: constants get a float16 copy
+        (or become one), a shape ``Cast(to=FLOAT)`` read only in float16 is retargeted, any
+        other tensor gets one Cast shared by its float16 readers."""
+        graph = self.graph
+        for name in sorted(float32_read16):
             only16 = name not in need32
             producer = self.producer.get(name)
             held = self.constant_array(name)
             if held is not None:
                 if not only16:
-                    name16[name] = names.fresh(f"{name}_fp16")
-                    new_inits.append(_to_fp16(held, name16[name]))
+                    edits.name16[name] = edits.names.fresh(f"{name}_fp16")
+                    edits.new_inits.append(_to_fp16(held, edits.name16[name]))
                 elif name in self.initializers:
                     self.initializers[name].CopyFrom(_to_fp16(held, name))
-                    name16[name] = name
+                    edits.name16[name] = name
                 else:
                     constant = self.constants[name]
                     constant.ClearField("attribute")
                     constant.attribute.append(helper.make_attribute("value", _to_fp16(held, "")))
-                    name16[name] = name
+                    edits.name16[name] = name
             elif (
                 only16
                 and producer is not None
@@ -508,64 +485,51 @@ class _Converter:
                 for attr in graph.node[producer].attribute:
                     if attr.name == "to":
                         attr.i = _FLOAT16
-                retargeted.add(producer)
-                name16[name] = name
+                edits.retargeted.add(producer)
+                edits.name16[name] = name
             else:
-                name16[name] = names.fresh(f"{name}__fp16")
-                node_cast = cast(name, name16[name], _FLOAT16)
+                edits.name16[name] = edits.names.fresh(f"{name}__fp16")
+                node_cast = edits.cast(name, edits.name16[name], _FLOAT16)
                 if producer is None:
-                    casts_first.append(node_cast)
+                    edits.casts_first.append(node_cast)
                 else:
-                    casts_after.setdefault(name, []).append(node_cast)
-                casts += 1
+                    edits.casts_after.setdefault(name, []).append(node_cast)
 
-        new_nodes = list(casts_first)
-        for index, node in enumerate(graph.node):
+    def rewire(
+        self, edits: _Edits, plan: Mapping[int, _Fp16Node], produced16: set[str]
+    ) -> list[onnx.NodeProto]:
+        """The new node list: every input renamed to the form its reader takes, float16
+        Casts retargeted, each boundary Cast right after its producer."""
+        new_nodes = list(edits.casts_first)
+        for index, node in enumerate(self.graph.node):
             fp16 = plan.get(index)
             for i, name in enumerate(node.input):
                 if not self.is_float(name):
                     continue
                 if fp16 is not None and i in fp16.inputs:
-                    node.input[i] = name16[name]
+                    node.input[i] = edits.name16[name]
                 elif node.op_type in _SHAPE_READERS:
-                    node.input[i] = name16[name] if name in produced16 else name
+                    node.input[i] = edits.name16[name] if name in produced16 else name
                 elif name in produced16:
-                    node.input[i] = name32[name]
+                    node.input[i] = edits.name32[name]
             outputs = list(node.output)
             for j, name in enumerate(outputs):
-                if name in renamed_outputs:
-                    node.output[j] = renamed_outputs[name]
-            if fp16 is not None and node.op_type == "Cast" and node.domain in _DEFAULT_DOMAINS:
+                if name in edits.renamed_outputs:
+                    node.output[j] = edits.renamed_outputs[name]
+            if fp16 is not None and node.op_type == "Cast" and node.domain in DEFAULT_DOMAINS:
                 for attr in node.attribute:
                     if attr.name == "to":
                         attr.i = _FLOAT16
             new_nodes.append(node)
             for name in outputs:
-                new_nodes.extend(casts_after.get(name, []))
-
-        graph.ClearField("node")
-        graph.node.extend(new_nodes)
-        graph.initializer.extend(new_inits)
-        checked = _check(self.model, "fp16 conversion")
-        log.info(
-            "fp16: %d nodes in float16, %d kept float32, %d casts inserted",
-            len(plan) + len(retargeted),
-            len(kept),
-            casts,
-        )
-        return Fp16Result(
-            model=checked,
-            kept_float32=tuple(kept),
-            fp16_nodes=len(plan) + len(retargeted),
-            casts_inserted=casts,
-            margin=self.margin,
-        )
+                new_nodes.extend(edits.casts_after.get(name, []))
+        return new_nodes
 
     @staticmethod
     def is_retargetable_cast(node: onnx.NodeProto) -> bool:
         return (
             node.op_type == "Cast"
-            and node.domain in _DEFAULT_DOMAINS
+            and node.domain in DEFAULT_DOMAINS
             and any(a.name == "to" and a.i == _FLOAT for a in node.attribute)
         )
 
@@ -583,143 +547,12 @@ def convert_fp16(
             f"fp16 conversion failed — range margin {margin!r} is outside (0, 1] — pass a "
             f"fraction of the float16 max, e.g. {RANGE_MARGIN} (4x headroom)."
         )
-    if _opset_version(model, "") is None:
+    if opset_version(model, "") is None:
         raise ExportError(
             "fp16 conversion failed — the model imports no default ONNX opset — export it with "
             "torch.onnx.export(..., opset_version=18)."
         )
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    _name_nodes(work.graph)
+    name_nodes(work.graph)
     return _Converter(work, absmax, margin).run()
-
-
-def fp16_tensors(model: onnx.ModelProto) -> list[str]:
-    """Names of the float16 activation tensors (node outputs, not Constants) of a model."""
-    types = _elem_types(_infer(model, "listing float16 tensors"))
-    return [
-        name
-        for node in model.graph.node
-        if node.op_type != "Constant"
-        for name in node.output
-        if name and types.get(name) == _FLOAT16
-    ]
-
-
-def _attr_to_float32(node: onnx.NodeProto) -> None:
-    """Element-type attributes (``to``, ``dtype``) and tensor values that say float16."""
-    for attr in node.attribute:
-        if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT:
-            if attr.i == _FLOAT16:
-                attr.i = _FLOAT
-        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _FLOAT16:
-            values = numpy_helper.to_array(attr.t).astype(np.float32)
-            attr.t.CopyFrom(numpy_helper.from_array(values, attr.t.name))
-
-
-def emulate_fp16(model: onnx.ModelProto, expose_raw: bool = False) -> onnx.ModelProto:
-    """A float32 twin of a float16 model that rounds every float16 tensor at op boundaries.
-
-    Every op computes in float32; every tensor that is float16 in ``model`` is computed into
-    ``<name>__raw`` and rounded to float16 and back into ``<name>`` (values beyond 65504 become
-    ``inf``). Float16 initializers and Constants become float32 (exact); ``Cast(to=FLOAT)`` of
-    a float16 tensor becomes ``Identity``. With ``expose_raw`` every ``__raw`` tensor (the
-    value before rounding, the input Cast's included) is also a graph output, so a caller can
-    check that none leaves the float16 range.
-    """
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    graph = work.graph
-    types = _elem_types(_infer(work, "fp16 emulation"))
-    names = _Names(graph)
-
-    def is16(name: str) -> bool:
-        return bool(name) and types.get(name) == _FLOAT16
-
-    def round_trip(src: str, dst: str) -> list[onnx.NodeProto]:
-        half = names.fresh(f"{dst}__fp16")
-        return [
-            helper.make_node("Cast", [src], [half], name=names.fresh(f"{half}__cast"), to=_FLOAT16),
-            helper.make_node("Cast", [half], [dst], name=names.fresh(f"{dst}__cast"), to=_FLOAT),
-        ]
-
-    def raw_name(name: str) -> str:
-        raw = f"{name}__raw"
-        if raw in names.used:
-            raise ExportError(
-                f"fp16 emulation failed — tensor name '{raw}' already exists in the graph — "
-                "emulate_fp16 names pre-rounding tensors '<name>__raw'; rename that tensor."
-            )
-        names.used.add(raw)
-        return raw
-
-    for init in graph.initializer:
-        if init.data_type == _FLOAT16:
-            values = numpy_helper.to_array(init).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(values, init.name))
-
-    initializer_names = {t.name for t in graph.initializer}
-    new_nodes: list[onnx.NodeProto] = []
-    raws: list[str] = []
-    alias: dict[str, str] = {}
-    for inp in graph.input:
-        if is16(inp.name) and inp.name not in initializer_names:
-            inp.type.tensor_type.elem_type = _FLOAT
-            alias[inp.name] = names.fresh(f"{inp.name}__rounded")
-            new_nodes.extend(round_trip(inp.name, alias[inp.name]))
-
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in alias:
-                node.input[i] = alias[name]
-        default = node.domain in _DEFAULT_DOMAINS
-        if default and node.op_type == "Constant":
-            _attr_to_float32(node)
-            new_nodes.append(node)
-            continue
-        if default and node.op_type == "Cast":
-            to = next(a.i for a in node.attribute if a.name == "to")
-            src, out = node.input[0], node.output[0]
-            if to == _FLOAT16:
-                raw = raw_name(out)
-                raws.append(raw)
-                new_nodes.append(helper.make_node("Cast", [src], [raw], name=node.name, to=_FLOAT))
-                new_nodes.extend(round_trip(raw, out))
-                continue
-            if to == _FLOAT and is16(src):
-                new_nodes.append(helper.make_node("Identity", [src], [out], name=node.name))
-                continue
-            new_nodes.append(node)
-            continue
-        _attr_to_float32(node)
-        rounding: list[onnx.NodeProto] = []
-        for j, name in enumerate(node.output):
-            if is16(name):
-                raw = raw_name(name)
-                raws.append(raw)
-                node.output[j] = raw
-                rounding.extend(round_trip(raw, name))
-        new_nodes.append(node)
-        new_nodes.extend(rounding)
-
-    graph.ClearField("node")
-    graph.node.extend(new_nodes)
-    for out in graph.output:
-        if out.type.tensor_type.elem_type == _FLOAT16:
-            out.type.tensor_type.elem_type = _FLOAT
-    emulated = _check(work, "fp16 emulation")
-    if not expose_raw:
-        return emulated
-    infos = {info.name: info for info in emulated.graph.value_info}
-    missing = [raw for raw in raws if raw not in infos]
-    if missing:
-        raise ExportError(
-            f"fp16 emulation failed — shape inference gives no shape for {missing[:5]} — "
-            "graph outputs need one; export the model with static ranks (opset 18)."
-        )
-    exposed = set(raws)
-    kept_infos = [info for info in emulated.graph.value_info if info.name not in exposed]
-    emulated.graph.ClearField("value_info")
-    emulated.graph.value_info.extend(kept_infos)
-    emulated.graph.output.extend(infos[raw] for raw in raws)
-    return _check(emulated, "fp16 emulation")

@@ -10,7 +10,8 @@ names the entry, and *before* opening, hashing or naming anything it points at:
   listed in ``files`` with its SHA-256, and any file in the folder the manifest does not list
   (so an engine cannot pull in an unlisted companion file);
 - a file whose SHA-256 differs from its ``files`` entry (with ``verify``);
-- required keys missing (the message names the key);
+- a manifest :class:`~.manifest.Manifest` refuses: a schema version this esr-deploy does
+  not read, a required key missing or a value of the wrong type (the message names the key);
 - declared facts that contradict the fp32 graph the bundle ships: input/output names and
   dtypes, layout (NCHW with 3 channels) and scale (output size / input size, from ONNX shape
   inference on a probe input, or a run of the graph where inference cannot say).
@@ -36,7 +37,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -46,8 +47,10 @@ import onnx
 from onnx import external_data_helper, helper, shape_inference
 
 from esr_deploy.errors import BundleError
+from esr_deploy.runtime.manifest import SCHEMA_VERSION, Manifest, check_version
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "Bundle", "Manifest", "open_bundle", "read_manifest"]
+
 MANIFEST = "manifest.json"
 #: the bundle's digest as ``compile`` recorded it (not listed in ``files``: it is the digest of
 #: the manifest that lists them)
@@ -58,47 +61,18 @@ MAX_MANIFEST_BYTES = 64 << 20
 _PROBE_MIN = 16  # smallest LR side of the scale probe
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
-#: (dotted key, expected JSON type(s)) that every bundle must hold
-REQUIRED_KEYS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
-    ("schema_version", int),
-    ("name", str),
-    ("target", str),
-    ("precision", str),
-    ("backend", str),
-    ("scale", int),
-    ("data_range", (int, float)),
-    ("layout", str),
-    ("inputs", list),
-    ("outputs", list),
-    ("checkpoint", dict),
-    ("engine", dict),
-    ("engine.file", str),
-    ("engine.backend_version", str),
-    ("engine.device", dict),
-    ("engine.settings", dict),
-    ("reference_onnx", str),
-    ("export", dict),
-    ("export.input_range", dict),
-    ("export.input_range.min_hw", list),
-    ("passes", list),
-    ("metrics", dict),
-    ("validation", dict),
-    ("latency_ms", dict),
-    ("files", dict),
-)
-
 
 @dataclass(frozen=True)
 class Bundle:
     """An opened bundle: its folder, its checked manifest and its digest."""
 
     path: Path
-    manifest: Mapping[str, Any]
+    manifest: Manifest
     digest: str
 
     @property
     def engine_path(self) -> Path:
-        return self.path / str(self.manifest["engine"]["file"])
+        return self.path / self.manifest.engine.file
 
     def file(self, name: str) -> Path:
         """The path of a file the manifest lists (checked by :func:`open_bundle`)."""
@@ -114,8 +88,9 @@ def sha256_file(path: Path) -> str:
 
 
 def canonical_manifest(manifest: Mapping[str, Any]) -> bytes:
-    """The bytes the digest is taken of (see the module docstring)."""
-    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The bytes the digest is taken of (see the module docstring); ``manifest``: the parsed
+    JSON, or a :class:`Manifest` (its JSON)."""
+    text = json.dumps(dict(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return text.encode("utf-8")
 
 
@@ -164,16 +139,15 @@ def confined(folder: Path, name: Any, what: str) -> Path:
     return path
 
 
-def _listed(manifest: Mapping[str, Any]) -> dict[str, str]:
-    """The ``files`` map, every entry checked to be a confined path with a SHA-256 value."""
-    files = manifest["files"]
-    for name, sha in files.items():
-        if not (isinstance(sha, str) and _HEX64.fullmatch(sha)):
+def _listed(manifest: Manifest) -> dict[str, str]:
+    """The ``files`` map, every entry checked to be a SHA-256 value, names in posix form."""
+    for name, sha in manifest.files.items():
+        if not _HEX64.fullmatch(sha):
             raise BundleError(
                 f"Bundle manifest lists {name!r} with {sha!r}, which is not a SHA-256 — "
                 "recompile the bundle."
             )
-    return {str(PurePosixPath(n.replace("\\", "/"))): s for n, s in files.items()}
+    return {str(PurePosixPath(n.replace("\\", "/"))): s for n, s in manifest.files.items()}
 
 
 def _walk(folder: Path) -> Iterator[tuple[str, Path]]:
@@ -232,22 +206,9 @@ def verify_checksums(folder: Path, files: Mapping[str, str]) -> None:
 # --------------------------------------------------------------------------- manifest
 
 
-def _missing_key(manifest: Mapping[str, Any], key: str, kind: Any) -> str | None:
-    value: Any = manifest
-    for part in key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return "is missing"
-        value = value[part]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        return f"is {type(value).__name__}, not {'/'.join(k.__name__ for k in kinds)}"
-    return None
-
-
-def read_manifest(
-    folder: Path, required: tuple[tuple[str, type | tuple[type, ...]], ...] = REQUIRED_KEYS
-) -> dict[str, Any]:
-    """Parse ``folder/manifest.json``: JSON object, schema version, ``required`` keys."""
+def read_manifest_json(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """``folder/manifest.json`` parsed: a JSON object of a schema version this esr-deploy
+    reads (nothing else is checked; :func:`read_manifest` checks the rest)."""
     if not folder.is_dir():
         seen = "it does not exist" if not folder.exists() else "it is a file, not a folder"
         raise BundleError(
@@ -269,34 +230,30 @@ def read_manifest(
         raise BundleError(f"{path} is not valid JSON: {exc} — recompile the bundle.") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{path} is not a JSON object — recompile the bundle.")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(
-            f"{path} has schema_version {data.get('schema_version')!r}; this "
-            f"esr-deploy reads version {SCHEMA_VERSION} — recompile the bundle or upgrade."
-        )
-    for key, kind in required:
-        problem = _missing_key(data, key, kind)
-        if problem:
-            raise BundleError(
-                f"{path}: required key '{key}' {problem} — the manifest is incomplete or "
-                "was edited; recompile the bundle."
-            )
-    return data
+    check_version(data, str(path))
+    return path, data
 
 
-def used_files(manifest: Mapping[str, Any]) -> dict[str, str]:
+def read_manifest(folder: Path) -> Manifest:
+    """``folder/manifest.json`` read and checked (:meth:`Manifest.from_json`): the one place
+    a bundle's manifest is parsed."""
+    path, data = read_manifest_json(folder)
+    return Manifest.from_json(data, str(path))
+
+
+def used_files(manifest: Manifest) -> dict[str, str]:
     """Files the manifest uses: {name: what it is}."""
     used = {
-        str(manifest["engine"]["file"]): "the engine",
-        str(manifest["reference_onnx"]): "the fp32 ONNX (reference_onnx)",
+        manifest.engine.file: "the engine",
+        manifest.reference_onnx: "the fp32 ONNX (reference_onnx)",
     }
-    precision = manifest.get("precision_onnx")
-    if isinstance(precision, Mapping) and "onnx" in precision:
-        used[str(precision["onnx"])] = "the precision ONNX (precision_onnx.onnx)"
+    precision = manifest.precision_onnx
+    if precision is not None and precision.onnx is not None:
+        used[precision.onnx] = "the precision ONNX (precision_onnx.onnx)"
     return used
 
 
-def check_used_listed(folder: Path, manifest: Mapping[str, Any], files: Mapping[str, str]) -> None:
+def check_used_listed(folder: Path, manifest: Manifest, files: Mapping[str, str]) -> None:
     """Every file the manifest uses is confined, listed and a regular file (not a FIFO or
     device a backend would block on, even when checksums are not verified)."""
     for name, what in used_files(manifest).items():
@@ -378,16 +335,6 @@ def _contradiction(folder: Path, name: str, declared: Any, found: Any) -> Bundle
     )
 
 
-def _declared_io(manifest: Mapping[str, Any], key: str) -> tuple[str, str]:
-    entries = manifest[key]
-    if len(entries) != 1 or not isinstance(entries[0], Mapping):
-        raise BundleError(f"manifest '{key}' must list one tensor; it lists {len(entries)}.")
-    name, dtype = entries[0].get("name"), entries[0].get("dtype")
-    if not isinstance(name, str) or not isinstance(dtype, str):
-        raise BundleError(f"manifest '{key}[0]' needs a 'name' and a 'dtype' — recompile.")
-    return name, dtype
-
-
 def probe_output_hw(model: onnx.ModelProto, path: Path, h: int, w: int) -> tuple[int, int]:
     """Output H, W of the graph for a ``1×3×h×w`` input: shape inference, else a run."""
     probe = onnx.ModelProto()
@@ -417,28 +364,26 @@ def probe_output_hw(model: onnx.ModelProto, path: Path, h: int, w: int) -> tuple
     return int(y.shape[2]), int(y.shape[3])
 
 
-def check_facts(folder: Path, manifest: Mapping[str, Any], model: onnx.ModelProto) -> None:
+def check_facts(folder: Path, manifest: Manifest, model: onnx.ModelProto) -> None:
     """The manifest's names, dtypes, layout and scale agree with the fp32 graph."""
     inputs, outputs = _graph_inputs(model), list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         raise _contradiction(folder, "the number of inputs/outputs", (1, 1),
                              (len(inputs), len(outputs)))  # fmt: skip
-    for key, value in (("inputs", inputs[0]), ("outputs", outputs[0])):
-        name, dtype = _declared_io(manifest, key)
-        if name != value.name:
-            raise _contradiction(folder, f"the {key[:-1]} name", name, value.name)
-        if dtype != _dtype(value):
-            raise _contradiction(folder, f"the {key[:-1]} dtype", dtype, _dtype(value))
+    for key, declared, value in (("input", manifest.inputs, inputs[0]),
+                                 ("output", manifest.outputs, outputs[0])):  # fmt: skip
+        if len(declared) != 1:
+            raise BundleError(f"manifest '{key}s' must list one tensor; it lists {len(declared)}.")
+        if declared[0].name != value.name:
+            raise _contradiction(folder, f"the {key} name", declared[0].name, value.name)
+        if declared[0].dtype != _dtype(value):
+            raise _contradiction(folder, f"the {key} dtype", declared[0].dtype, _dtype(value))
     in_dims = _dims(inputs[0])
-    if manifest["layout"] != LAYOUT or len(in_dims) != 4 or in_dims[1] != 3:
-        raise _contradiction(folder, "the layout", manifest["layout"], f"input dims {in_dims}")
-    min_hw = manifest["export"]["input_range"]["min_hw"]
-    if len(min_hw) != 2 or not all(isinstance(v, int) and v >= 1 for v in min_hw):
-        raise BundleError(f"manifest export.input_range.min_hw {min_hw!r} is not two sizes.")
-    h, w = max(min_hw[0], _PROBE_MIN), max(min_hw[1], _PROBE_MIN)
-    reference = folder / str(manifest["reference_onnx"])
-    out_h, out_w = probe_output_hw(model, reference, h, w)
-    scale = manifest["scale"]
+    if manifest.layout != LAYOUT or len(in_dims) != 4 or in_dims[1] != 3:
+        raise _contradiction(folder, "the layout", manifest.layout, f"input dims {in_dims}")
+    h, w = (max(v, _PROBE_MIN) for v in manifest.export.min_hw)
+    out_h, out_w = probe_output_hw(model, folder / manifest.reference_onnx, h, w)
+    scale = manifest.scale
     if scale < 1 or (out_h, out_w) != (scale * h, scale * w):
         found = out_h / h if out_h * w == out_w * h else f"{out_h}x{out_w} from {h}x{w}"
         raise _contradiction(folder, "the scale", scale, found)
@@ -447,24 +392,26 @@ def check_facts(folder: Path, manifest: Mapping[str, Any], model: onnx.ModelProt
 # ------------------------------------------------------------------------------ device
 
 
-def check_device(
-    manifest: Mapping[str, Any], backend_version: str, device: Mapping[str, Any]
-) -> None:
-    """Refuse an engine built for another backend version or a CPU lacking its ISA flags."""
-    built = manifest.get("engine", {})
-    if built.get("backend_version") != backend_version:
-        raise BundleError(
-            f"The engine was built with {manifest.get('backend')} "
-            f"{built.get('backend_version')}, this machine has {backend_version} — recompile "
-            "the bundle here or install the version it was built with."
-        )
-    want = set(built.get("device", {}).get("flags", []))
-    have = set(device.get("flags", []))
+def check_cpu_flags(built: Iterable[str], device: Mapping[str, Any]) -> None:
+    """Refuse an engine optimised for ISA flags (``built``) this CPU (``device``) lacks."""
+    want, have = set(built), set(device.get("flags") or ())
     if want - have:
         raise BundleError(
             f"The engine was optimised for a CPU with {sorted(want)}; this CPU lacks "
             f"{sorted(want - have)} — recompile the bundle on this machine."
         )
+
+
+def check_device(manifest: Manifest, backend_version: str, device: Mapping[str, Any]) -> None:
+    """Refuse an engine built for another backend version or a CPU lacking its ISA flags."""
+    built = manifest.engine
+    if built.backend_version != backend_version:
+        raise BundleError(
+            f"The engine was built with {manifest.backend} {built.backend_version}, this "
+            f"machine has {backend_version} — recompile the bundle here or install the version "
+            "it was built with."
+        )
+    check_cpu_flags(built.flags, device)
 
 
 # -------------------------------------------------------------------------------- open
@@ -511,9 +458,9 @@ def open_bundle(path: str | Path, *, digest: str | None = None, verify: bool = T
     check_contents(folder, files)
     if verify:
         verify_checksums(folder, files)
-    reference = load_structure(folder, str(manifest["reference_onnx"]), files)
+    reference = load_structure(folder, manifest.reference_onnx, files)
     for name in used_files(manifest):
-        if name.endswith(".onnx") and name != manifest["reference_onnx"]:
+        if name.endswith(".onnx") and name != manifest.reference_onnx:
             load_structure(folder, name, files)
     check_facts(folder, manifest, reference)
     return Bundle(path=folder, manifest=manifest, digest=found)

@@ -172,13 +172,11 @@ class Upscaler:
         m = bundle.manifest
         self.bundle = bundle
         self.session = session
-        self.scale = int(m["scale"])
-        self.data_range = float(m["data_range"])
-        self.bgr = m.get("color_order", "RGB") == "BGR"
-        min_h, min_w = m["export"]["input_range"]["min_hw"]
-        self.min_hw: tuple[int, int] = (int(min_h), int(min_w))
-        max_hw = m.get("profile", {}).get("max")
-        self.max_hw: tuple[int, int] | None = (int(max_hw[0]), int(max_hw[1])) if max_hw else None
+        self.scale = m.scale
+        self.data_range = m.data_range
+        self.bgr = m.bgr
+        self.min_hw: tuple[int, int] = m.export.min_hw
+        self.max_hw: tuple[int, int] | None = m.profile.max
         self.field: ReceptiveField = receptive_field(graph)
         self.bytes_per_pixel = MEMORY_SLACK * bytes_per_lr_pixel(graph)
         self.max_memory = max_memory
@@ -211,7 +209,7 @@ class Upscaler:
 
     @property
     def name(self) -> str:
-        return f"{self.bundle.manifest['name']} ({self.bundle.manifest['target']})"
+        return f"{self.bundle.manifest.name} ({self.bundle.manifest.target})"
 
     # ---------------------------------------------------------------------------- planning
 
@@ -374,8 +372,8 @@ class Upscaler:
     def max_batch(self) -> int:
         """The largest batch one engine call takes: the manifest's export.batch.max (1 for a
         bundle compiled before batches)."""
-        batch = self.bundle.manifest["export"].get("batch")
-        return int(batch.get("max", 1)) if isinstance(batch, dict) else 1
+        batch = self.bundle.manifest.export.batch
+        return batch.max if batch is not None else 1
 
     def _lr(self, source: SourceImage) -> tuple[np.ndarray, PixelFormat]:
         if source.rgb.dtype.kind == "f" and not np.isfinite(source.rgb).all():
@@ -549,14 +547,14 @@ def _engine_graph(bundle: Bundle, reference: onnx.ModelProto) -> onnx.ModelProto
     """The ONNX graph an ONNX Runtime CPU engine runs, rebuilt from the bundle, or None;
     ``reference`` is the bundle's fp32 ONNX (what an fp32 engine runs)."""
     m = bundle.manifest
-    if m.get("backend") != "onnxruntime":
+    if m.backend != "onnxruntime":
         return None
-    if m.get("precision") == "fp32":
+    if m.precision == "fp32":
         return reference
-    if m.get("precision") == "int8" and m.get("precision_onnx"):
+    if m.precision == "int8" and m.precision_onnx is not None and m.precision_onnx.onnx:
         from esr_deploy.backends.onnxruntime import lower_int8_activations
 
-        return lower_int8_activations(onnx.load(str(bundle.file(m["precision_onnx"]["onnx"]))))
+        return lower_int8_activations(onnx.load(str(bundle.file(m.precision_onnx.onnx))))
     return None
 
 
@@ -616,9 +614,9 @@ def load(
     """
     loaded = open_bundle(bundle, digest=digest, verify=verify)
     manifest = loaded.manifest
-    _, backend = require_available(manifest["target"])
+    _, backend = require_available(manifest.target)
     backend.check_engine(manifest)
-    session = backend.load(loaded.engine_path, manifest["engine"]["settings"])
-    graph = onnx.load(str(loaded.file(manifest["reference_onnx"])))
+    session = backend.load(loaded.engine_path, manifest.engine.settings)
+    graph = onnx.load(str(loaded.file(manifest.reference_onnx)))
     budget = max_memory or int(DEFAULT_MEMORY_FRACTION * available_memory())
     return Upscaler(loaded, session, graph, budget, _engine_graph(loaded, graph))

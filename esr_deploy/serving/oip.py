@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from esr_deploy.errors import EsrDeployError
+from esr_deploy.runtime.manifest import Manifest
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
@@ -55,14 +56,13 @@ class ModelSpec:
     max_hw: tuple[int, int] | None  # the engine profile's largest input (either orientation)
 
     @classmethod
-    def of(cls, manifest: Mapping[str, Any]) -> ModelSpec:
-        max_hw = manifest.get("profile", {}).get("max")
+    def of(cls, manifest: Manifest) -> ModelSpec:
         return cls(
-            name=str(manifest["name"]),
-            input_name=str(manifest["inputs"][0]["name"]),
-            output_name=str(manifest["outputs"][0]["name"]),
-            scale=int(manifest["scale"]),
-            max_hw=(int(max_hw[0]), int(max_hw[1])) if max_hw else None,
+            name=manifest.name,
+            input_name=manifest.inputs[0].name,
+            output_name=manifest.outputs[0].name,
+            scale=manifest.scale,
+            max_hw=manifest.profile.max,
         )
 
     def metadata(self) -> dict[str, Any]:

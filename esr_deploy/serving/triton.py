@@ -67,6 +67,7 @@ from esr_deploy.runtime.bundle_reader import (
     read_manifest,
     sha256_file,
 )
+from esr_deploy.runtime.manifest import Manifest
 from esr_deploy.targets import get_target
 
 CONFIG = "config.pbtxt"
@@ -138,8 +139,8 @@ class TritonEntry:
     plan: EntryPlan
 
 
-def default_name(manifest: Mapping[str, Any]) -> str:
-    return f"{manifest['name']}-{manifest['target']}"
+def default_name(manifest: Manifest) -> str:
+    return f"{manifest.name}-{manifest.target}"
 
 
 def check_request(request: TritonRequest) -> None:
@@ -162,17 +163,17 @@ def check_request(request: TritonRequest) -> None:
 # --------------------------------------------------------------------------------- plan
 
 
-def _onnx_source(manifest: Mapping[str, Any]) -> str:
+def _onnx_source(manifest: Manifest) -> str:
     """The portable ONNX an ONNX Runtime engine was optimised from."""
-    if manifest["precision"] == "fp32":
-        return str(manifest["reference_onnx"])
-    precision = manifest.get("precision_onnx")
-    if not isinstance(precision, Mapping) or not isinstance(precision.get("onnx"), str):
+    if manifest.precision == "fp32":
+        return manifest.reference_onnx
+    precision = manifest.precision_onnx
+    if precision is None or precision.onnx is None:
         raise BundleError(
-            f"The {manifest['target']} bundle names no precision_onnx.onnx — the portable "
-            f"{manifest['precision']} graph it was built from is missing; recompile."
+            f"The {manifest.target} bundle names no precision_onnx.onnx — the portable "
+            f"{manifest.precision} graph it was built from is missing; recompile."
         )
-    return str(precision["onnx"])
+    return precision.onnx
 
 
 def _ort_cpu_settings(
@@ -206,10 +207,10 @@ def _ov_parameters(settings: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
 def plan_entry(bundle: Bundle) -> EntryPlan:
     """Which files, which Triton backend and which settings (see the module docstring)."""
     manifest = bundle.manifest
-    target = get_target(str(manifest["target"]))
-    engine = str(manifest["engine"]["file"])
-    settings = manifest["engine"]["settings"]
-    reference = str(manifest["reference_onnx"])
+    target = get_target(manifest.target)
+    engine = manifest.engine.file
+    settings = manifest.engine.settings
+    reference = manifest.reference_onnx
     onnxrt = 'backend: "onnxruntime"'
     if target.backend == "onnxruntime":
         source = _onnx_source(manifest)
@@ -267,13 +268,13 @@ def tensor_specs(path: Path) -> tuple[TensorSpec, TensorSpec]:
 def batch_limit(bundle: Bundle, plan: EntryPlan, spec: TensorSpec) -> int | None:
     """The largest batch the engine accepts; None when its graph sets no bound."""
     if plan.scheduler.startswith("platform"):  # TensorRT: its optimisation profiles
-        profiles = bundle.manifest["engine"]["settings"].get("profiles") or []
+        profiles = bundle.manifest.engine.settings.get("profiles") or []
         maxima = [int(p["max"][0]) for p in profiles if isinstance(p, Mapping) and "max" in p]
         return min(maxima) if maxima else 1
     if spec.batch is not None:
         return spec.batch
-    recorded = bundle.manifest["export"].get("batch", {})
-    return int(recorded["max"]) if isinstance(recorded, Mapping) and "max" in recorded else None
+    recorded = bundle.manifest.export.batch
+    return recorded.max if recorded is not None else None
 
 
 def resolve_max_batch(requested: int | None, limit: int | None) -> int:
@@ -361,7 +362,7 @@ def _check_destination(model_dir: Path, version_dir: Path, config: str) -> bool:
 
 
 def _stage_version(folder: Path, bundle: Bundle, plan: EntryPlan, max_batch: int) -> None:
-    files = bundle.manifest["files"]
+    files = bundle.manifest.files
     record: dict[str, Any] = {}
     for source, dest in plan.files:
         if source not in files:
@@ -380,7 +381,7 @@ def _stage_version(folder: Path, bundle: Bundle, plan: EntryPlan, max_batch: int
     (folder / DIGEST_FILE).write_text(bundle.digest + "\n", encoding="utf-8")
     export = {
         "bundle_digest": bundle.digest,
-        "target": bundle.manifest["target"],
+        "target": bundle.manifest.target,
         "model_files": record,
         "max_batch_size": max_batch,
         "note": plan.note,
@@ -435,7 +436,7 @@ def verify_version(version_dir: Path) -> str:
     The manifest's digest must be the recorded one, and each model file's sha256 the one the
     manifest lists for the bundle file it was exported from.
     """
-    manifest = read_manifest(version_dir, required=(("files", dict),))
+    manifest = read_manifest(version_dir)
     found = manifest_digest(manifest)
     recorded_path = version_dir / DIGEST_FILE
     recorded = recorded_path.read_text(encoding="utf-8").strip() if recorded_path.is_file() else ""
@@ -451,7 +452,7 @@ def verify_version(version_dir: Path) -> str:
         raise BundleError(f"{version_dir}/{EXPORT_RECORD} is missing or unreadable.") from exc
     for dest, entry in entries.items():
         path = version_dir / Path(str(dest)).name
-        listed = manifest["files"].get(str(entry.get("from")))
+        listed = manifest.files.get(str(entry.get("from")))
         if not path.is_file() or listed is None or sha256_file(path) != listed:
             raise BundleError(
                 f"{path} is not the bundle's {entry.get('from')} (sha256 differs from the "

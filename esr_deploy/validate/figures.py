@@ -1,9 +1,8 @@
 """Pictures for a bundle's report: validation crops, difference heat maps, auto candidates.
 
-Drawn with Pillow alone (``ImageDraw`` and its default font): the figures are labelled image
-panels, a colour bar and two bar charts, which need no plotting library, and Pillow is
-already a dependency. The default font covers ASCII, so text in the pictures is ASCII (``x``
-for ×, ``-`` for −); the captions in the report carry the exact wording.
+Drawn with Pillow alone (:mod:`esr_deploy.validate.drawing`): labelled image panels and a
+colour bar need no plotting library. Text in the pictures is ASCII (``x`` for ×, ``-`` for
+−); the captions in the report carry the exact wording.
 
 Every function writes PNGs into a folder (the staged bundle) and returns one record per
 picture for ``manifest["report_figures"]``, so that the report
@@ -27,8 +26,8 @@ pixels saturate and an engine identical to float precision still shows its patte
 caption states ``g``, the value that maps to full scale, and the maximum of ``d``.
 
 **Targets** (``--target auto``): median latency and worst PSNR-Y drop of every candidate
-that was built, as horizontal bars; candidates that failed validation or could not run here
-are listed with the reason and not plotted as numbers.
+that was built, as horizontal bars (:mod:`esr_deploy.validate.auto_chart`; its
+:func:`targets_figure` is importable from here too).
 """
 
 from __future__ import annotations
@@ -36,16 +35,29 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from esr_deploy.data import ImagePair, imresize, to_uint8
 from esr_deploy.recipe import Recipe
+from esr_deploy.validate.auto_chart import targets_figure
+from esr_deploy.validate.drawing import (
+    BACKGROUND,
+    INK,
+    PAD,
+    SMALL_FONT_SIZE,
+    compose,
+    enlarge,
+    fit,
+    load_font,
+    text_width,
+)
 from esr_deploy.validate.parity import EngineRun, ReferenceRun, model_input, model_output
 from esr_deploy.validate.quality import rgb_to_y
 
@@ -64,7 +76,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 Box = tuple[int, int, int, int]  # y, x, height, width (HR pixels)
 
 #: Validation images drawn (the first ones of the first validation set).
@@ -78,20 +89,7 @@ PERCENTILE = 99.9
 #: LR pixels around the crop that the bicubic upscaling sees (its kernel reaches 2).
 LR_MARGIN = 4
 
-PAD = 10
-FONT_SIZE = 15
-SMALL_FONT_SIZE = 13
-BACKGROUND = (255, 255, 255)
-INK = (25, 25, 25)
-MUTED = (110, 110, 110)
-FAILED = (190, 20, 40)
 CROP_OUTLINE = (0, 200, 255)
-LATENCY_BAR = (70, 110, 180)
-DROP_BAR = (225, 135, 40)
-CHOSEN_BAND = (222, 245, 222)
-FAILED_BAND = (252, 234, 236)
-UNAVAILABLE_BAND = (242, 242, 242)
-GRID = (225, 225, 225)
 
 #: Anchors of the heat colour map (close to matplotlib's "inferno"): dark = no difference.
 _HEAT_ANCHORS = (
@@ -196,75 +194,9 @@ def _safe_name(name: str) -> str:
     return safe[:40] or "image"
 
 
-# ------------------------------------------------------------------------------ drawing
-
-
-def _font(size: int) -> Font:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-_MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-_ASCII = str.maketrans({"×": "x", "−": "-", "—": "-", "–": "-", "≥": ">=", "≤": "<="})
-
-
-def _ascii(text: str) -> str:
-    """What the default font can draw: the usual non-ASCII signs spelled in ASCII, others
-    replaced by ``?``."""
-    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
-
-
-def _width(text: str, font: Font) -> int:
-    return math.ceil(_MEASURE.textlength(text, font=font))
-
-
-def _fit(text: str, font: Font, width: int) -> str:
-    """``text`` cut with an ellipsis to ``width`` pixels."""
-    text = _ascii(text)
-    if _width(text, font) <= width:
-        return text
-    while text and _width(text + "...", font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def _enlarge(img: np.ndarray, zoom: int) -> np.ndarray:
-    return np.repeat(np.repeat(img, zoom, axis=0), zoom, axis=1)
-
-
-def _compose(
-    title: str, panels: Sequence[tuple[str, np.ndarray]], footer: Image.Image | None = None
-) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """Panels side by side under their labels, a title above, ``footer`` below; the picture
-    and each panel's label and box ``[x0, y0, x1, y1]`` (pixels of the picture)."""
-    font, small = _font(FONT_SIZE), _font(SMALL_FONT_SIZE)
-    line = FONT_SIZE + 8
-    top = PAD + line + line  # title, then the labels
-    width = PAD + sum(p.shape[1] + PAD for _, p in panels)
-    height = top + max(p.shape[0] for _, p in panels) + PAD
-    if footer is not None:
-        width = max(width, footer.width + 2 * PAD)
-        height += footer.height + PAD
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((PAD, PAD), _fit(title, font, width - 2 * PAD), fill=INK, font=font)
-    boxes = []
-    x = PAD
-    for label, pixels in panels:
-        draw.text((x, PAD + line), _fit(label, small, pixels.shape[1]), fill=INK, font=small)
-        canvas.paste(Image.fromarray(pixels), (x, top))
-        boxes.append({"label": label, "box": [x, top, x + pixels.shape[1], top + pixels.shape[0]]})
-        x += pixels.shape[1] + PAD
-    if footer is not None:
-        canvas.paste(footer, (PAD, height - PAD - footer.height))
-    return canvas, boxes
-
-
 def _colour_bar(width: int, gain: float, lines: Sequence[str]) -> Image.Image:
     """Text lines, then the colour map as a bar with ticks in 0..255 units of |e − r|."""
-    small = _font(SMALL_FONT_SIZE)
+    small = load_font(SMALL_FONT_SIZE)
     line = SMALL_FONT_SIZE + 6
     bar_h = 14
     full = 255.0 / gain
@@ -272,7 +204,7 @@ def _colour_bar(width: int, gain: float, lines: Sequence[str]) -> Image.Image:
     img = Image.new("RGB", (width, bar_top + bar_h + 6 + line), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for i, text in enumerate(lines):
-        draw.text((0, i * line), _fit(text, small, width), fill=INK, font=small)
+        draw.text((0, i * line), fit(text, small, width), fill=INK, font=small)
     bar_w = width - 60  # room for the last tick label
     ramp = HEAT_LUT[np.linspace(0, 255, bar_w).round().astype(np.int64)]
     img.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0)), (0, bar_top))
@@ -282,7 +214,7 @@ def _colour_bar(width: int, gain: float, lines: Sequence[str]) -> Image.Image:
         label = "0" if frac == 0 else f"{frac * full:.2g}"
         if frac == 1.0:
             label = ">= " + label
-        lw = _width(label, small)
+        lw = text_width(label, small)
         lx = min(max(0, tx - lw // 2), width - lw)
         draw.text((lx, bar_top + bar_h + 6), label, fill=INK, font=small)
     return img
@@ -303,7 +235,7 @@ def _overview(diff: np.ndarray, gain: float, box: Box) -> tuple[np.ndarray, str]
         pixels, rect, how = _heat(pooled, gain), (y // k, x // k, h // k, w // k), f"max of {k}x{k}"
     else:
         z = PANEL // longest
-        pixels = _enlarge(_heat(diff, gain), z)
+        pixels = enlarge(_heat(diff, gain), z)
         rect, how = (y * z, x * z, h * z, w * z), f"x{z}"
     img = Image.fromarray(pixels)
     ry, rx, rh, rw = rect
@@ -328,252 +260,124 @@ def comparison_figures(
     """Draw the comparison and the difference picture of each pair into ``out_dir``; see
     the module docstring. ``reference`` and ``engine`` are run on the whole LR image."""
     records: list[dict[str, Any]] = []
-    scale, data_range = recipe.scale, recipe.data_range
-    where = f" ({set_name})" if set_name else ""
     for index, pair in enumerate(pairs, start=1):
         x = model_input(pair.lr, recipe)
         with torch.no_grad():
             ref = model_output(reference(x), recipe)
         eng = model_output(engine(x.numpy()), recipe)
-        box = detail_crop(pair.hr, scale)
-        y0, x0, h, w = box
-        zoom = max(1, PANEL // max(h, w))
-
-        def crop(img: np.ndarray, y0: int = y0, x0: int = x0, h: int = h, w: int = w) -> Any:
-            return img[y0 : y0 + h, x0 : x0 + w]
-
-        panels = [
-            (f"bicubic (LR x{scale})", bicubic_crop(pair.lr, scale, box)),
-            ("PyTorch reference", crop(to_uint8(ref, data_range))),
-            (engine_label, crop(to_uint8(eng, data_range))),
-            ("HR", crop(pair.hr)),
-        ]
-        where_crop = f"{w}×{h} HR crop at x={x0}, y={y0}"
-        title = f"{pair.name}: {where_crop} (most detailed region), enlarged x{zoom}"
-        picture, boxes = _compose(title, [(label, _enlarge(p, zoom)) for label, p in panels])
-        name = _safe_name(pair.name)
-        compare_file = f"compare-{index}-{name}.png"
-        picture.save(out_dir / compare_file, format="PNG")
-        records.append(
-            {
-                "file": compare_file,
-                "kind": "comparison",
-                "image": pair.name,
-                "set": set_name,
-                "caption": (
-                    f"{pair.name}{where}: {where_crop} (the most detailed region: largest "
-                    f"luma gradient energy), enlarged ×{zoom} with nearest-neighbour. "
-                    f"Left to right: MATLAB-bicubic ×{scale} upscaling of the LR crop, the "
-                    f"PyTorch reference (training form), the {engine_label}, HR."
-                ),
-                "crop": {"x": x0, "y": y0, "width": w, "height": h},
-                "zoom": zoom,
-                "panels": boxes,
-            }
-        )
-
-        diff = abs_difference(eng, ref, data_range)
-        gain = difference_gain(diff)
-        full = 255.0 / gain
-        most, crop_most = float(diff.max()), float(crop(diff).max())
-        overview, how = _overview(diff, gain, box)
-        gain_text = _format_gain(gain)
-        heat_panels = [
-            (f"|engine - reference| x{gain_text}, crop", _enlarge(_heat(crop(diff), gain), zoom)),
-            (f"whole image ({how}), crop outlined", overview),
-        ]
-        bar_width = max(PAD + sum(p.shape[1] + PAD for _, p in heat_panels) - 2 * PAD, 300)
-        bar = _colour_bar(
-            bar_width,
-            gain,
-            [
-                f"colour = |engine - reference| (max over RGB, 0..255 units) x{gain_text}",
-                f"max |engine - reference|: {most:.3g} (image), {crop_most:.3g} (crop)",
-            ],
-        )
-        picture, boxes = _compose(f"{pair.name}: difference to the reference", heat_panels, bar)
-        diff_file = f"difference-{index}-{name}.png"
-        picture.save(out_dir / diff_file, format="PNG")
-        records.append(
-            {
-                "file": diff_file,
-                "kind": "difference",
-                "image": pair.name,
-                "set": set_name,
-                "caption": (
-                    f"|engine − reference| on {pair.name}{where} (maximum over RGB, 0..255 "
-                    f"units), amplified ×{gain_text} so that the {PERCENTILE:g}th percentile "
-                    f"maps to about full scale: black = 0, yellow-white ≥ {full:.3g} (colour "
-                    f"bar in the picture). Maximum abs difference {most:.3g} over the image, "
-                    f"{crop_most:.3g} in the crop (left, enlarged ×{zoom}); right: the whole "
-                    f"image ({how}) with the crop outlined."
-                ),
-                "gain": gain,
-                "full_scale": full,
-                "max_abs_difference": most,
-                "crop_max_abs_difference": crop_most,
-                "crop": {"x": x0, "y": y0, "width": w, "height": h},
-                "zoom": zoom,
-                "panels": boxes,
-            }
-        )
-        log.debug("report figures for %s: gain %s, max |e - r| %.3g", pair.name, gain, most)
+        view = _CropView.of(pair, recipe.scale, index, set_name)
+        records.append(_comparison(out_dir, view, pair, ref, eng, recipe, engine_label))
+        records.append(_difference(out_dir, view, abs_difference(eng, ref, recipe.data_range)))
     return records
 
 
-def _nice_step(span: float, parts: int = 4) -> float:
-    raw = span / parts
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    step = next(m for m in (1.0, 2.0, 5.0, 10.0) if m * magnitude >= raw)
-    return step * magnitude
+@dataclass(frozen=True)
+class _CropView:
+    """Where one pair's pictures look: the most detailed HR crop, its zoom, the file names."""
+
+    image: str
+    set_name: str | None
+    box: tuple[int, int, int, int]  # y0, x0, h, w in HR pixels
+    zoom: int
+    stem: str  # "<index>-<safe name>"
+
+    @classmethod
+    def of(cls, pair: ImagePair, scale: int, index: int, set_name: str | None) -> _CropView:
+        box = detail_crop(pair.hr, scale)
+        zoom = max(1, PANEL // max(box[2], box[3]))
+        return cls(pair.name, set_name, box, zoom, f"{index}-{_safe_name(pair.name)}")
+
+    def crop(self, img: np.ndarray) -> Any:
+        y0, x0, h, w = self.box
+        return img[y0 : y0 + h, x0 : x0 + w]
+
+    @property
+    def where(self) -> str:
+        return f" ({self.set_name})" if self.set_name else ""
+
+    @property
+    def where_crop(self) -> str:
+        y0, x0, h, w = self.box
+        return f"{w}×{h} HR crop at x={x0}, y={y0}"
+
+    def record(self, file: str, kind: str, caption: str, **fields: Any) -> dict[str, Any]:
+        """A figure's entry in the report: ``fields`` go between the caption and the crop."""
+        y0, x0, h, w = self.box
+        head = {"file": file, "kind": kind, "image": self.image, "set": self.set_name}
+        crop = {"x": x0, "y": y0, "width": w, "height": h}
+        return {**head, "caption": caption, **fields, "crop": crop, "zoom": self.zoom}
 
 
-def _ticks(lo: float, hi: float) -> list[float]:
-    step = _nice_step(hi - lo)
-    first = math.ceil(lo / step - 1e-9)
-    return [round(i * step, 12) for i in range(first, math.floor(hi / step + 1e-9) + 1)]
-
-
-def short_failure(text: str) -> str:
-    """The measured part of a compile failure ("Validation of m on t failed — <what> — ...")."""
-    parts = text.split(" — ")
-    return parts[1] if len(parts) > 2 else text
-
-
-def _drop(value: Any) -> float:
-    """A PSNR drop as drawn: 0 when it rounds to 0.0000 (no "-0.0000")."""
-    d = float(value)
-    return 0.0 if round(d, 4) == 0 else d
-
-
-def targets_figure(
+def _comparison(
     out_dir: Path,
-    candidates: Sequence[Mapping[str, Any]],
-    chosen: str | None = None,
-    max_psnr_drop: float | None = None,
-    latency_label: str = "median latency (ms)",
-    file: str = "targets.png",
-) -> dict[str, Any] | None:
-    """Latency and PSNR-Y drop per candidate of ``--target auto`` (entries of
-    ``manifest["auto"]["candidates"]``: ``target``, ``available``, ``passed``, ``median_ms``,
-    ``psnr_drop``, ``failure`` or ``reason``); None when fewer than two were built."""
-    built = [c for c in candidates if c.get("available")]
-    if len(built) < 2:
-        return None
-    font, small = _font(FONT_SIZE), _font(SMALL_FONT_SIZE)
-    plotted = [c for c in built if c.get("passed") and c.get("median_ms") is not None]
-    names = [c["target"] + (" (chosen)" if c["target"] == chosen else "") for c in candidates]
-    name_w = max(_width(n, font) for n in names) + 2 * PAD
-    chart_w, gap, row_h, bar_h = 320, 40, 30, 16
-    line = FONT_SIZE + 8
-    top = PAD + 2 * line + line  # title, subtitle, axis titles
-    width = PAD + name_w + chart_w + gap + chart_w + PAD
-    height = top + row_h * len(candidates) + 2 * line + PAD
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((PAD, PAD), "--target auto: candidates", fill=INK, font=font)
-    budget = f"; PSNR-Y drop budget {max_psnr_drop:g} dB" if max_psnr_drop is not None else ""
-    sub = f"chosen: {chosen or '-'}{budget}; failed or unavailable targets are not plotted"
-    draw.text((PAD, PAD + line), _fit(sub, small, width - 2 * PAD), fill=MUTED, font=small)
-    lat_x = PAD + name_w
-    drop_x = lat_x + chart_w + gap
-    draw.text((lat_x, PAD + 2 * line), _fit(latency_label, small, chart_w), fill=INK, font=small)
-    draw.text((drop_x, PAD + 2 * line), "PSNR-Y drop (dB, worst set)", fill=INK, font=small)
-    bottom = top + row_h * len(candidates)
-
-    lat_values = [float(c["median_ms"]) for c in plotted]
-    lat_hi = max(lat_values, default=1.0) * 1.4 or 1.0
-    drops = [float(c["psnr_drop"]) for c in plotted if c.get("psnr_drop") is not None]
-    marks = drops + ([max_psnr_drop] if max_psnr_drop is not None else [])
-    lo = min([0.0, *marks])
-    hi = max([0.0, *marks])
-    span = (hi - lo) or 0.01
-    lo, hi = (lo - 0.05 * span if lo < 0 else 0.0), hi + 0.4 * span
-
-    def lat_pos(v: float) -> int:
-        return lat_x + round(v / lat_hi * chart_w)
-
-    def drop_pos(v: float) -> int:
-        return drop_x + round((v - lo) / (hi - lo) * chart_w)
-
-    for axis_x, pos, tick_values in (
-        (lat_x, lat_pos, _ticks(0.0, lat_hi)),
-        (drop_x, drop_pos, _ticks(lo, hi)),
-    ):
-        for t in tick_values:
-            tx = pos(t)
-            draw.line([(tx, top), (tx, bottom)], fill=GRID)
-            label = f"{t:g}"
-            draw.text((tx - _width(label, small) // 2, bottom + 4), label, fill=INK, font=small)
-        draw.line([(axis_x, bottom), (axis_x + chart_w, bottom)], fill=INK)
-    zero = drop_pos(0.0)
-    draw.line([(zero, top), (zero, bottom)], fill=INK)
-    if max_psnr_drop is not None:
-        bx = drop_pos(max_psnr_drop)
-        for yy in range(top, bottom, 8):
-            draw.line([(bx, yy), (bx, min(yy + 4, bottom))], fill=FAILED, width=2)
-        label = f"budget {max_psnr_drop:g} dB"
-        lx = min(bx - _width(label, small) // 2, width - PAD - _width(label, small))
-        draw.text((lx, bottom + 4 + line), label, fill=FAILED, font=small)
-
-    for i, (c, name) in enumerate(zip(candidates, names, strict=True)):
-        y = top + i * row_h
-        mid = y + (row_h - bar_h) // 2
-        if c["target"] == chosen:
-            draw.rectangle([PAD, y + 1, width - PAD, y + row_h - 1], fill=CHOSEN_BAND)
-        draw.text((PAD, mid - 1), _ascii(name), fill=INK, font=font)
-        text_room = 2 * chart_w + gap - 8
-        if not c.get("available") or not c.get("passed") or c.get("median_ms") is None:
-            # a note over both charts, on a band that hides the grid: not a number to plot
-            available = bool(c.get("available"))
-            why = (
-                f"FAILED: {short_failure(str(c.get('failure', '')))}"
-                if available
-                else f"not available here: {c.get('reason', '')}"
-            )
-            band = FAILED_BAND if available else UNAVAILABLE_BAND
-            draw.rectangle([lat_x, y + 3, drop_x + chart_w, y + row_h - 3], fill=band)
-            draw.text(
-                (lat_x + 4, mid),
-                _fit(why, small, text_room),
-                fill=FAILED if available else MUTED,
-                font=small,
-            )
-            continue
-        ms = float(c["median_ms"])
-        draw.rectangle([lat_x, mid, max(lat_x, lat_pos(ms) - 1), mid + bar_h], fill=LATENCY_BAR)
-        draw.text((lat_pos(ms) + 4, mid), f"{ms:.1f} ms", fill=INK, font=small)
-        if c.get("psnr_drop") is not None:
-            d = _drop(c["psnr_drop"])
-            left, right = sorted((zero, drop_pos(d)))
-            draw.rectangle([left, mid, max(left, right - 1), mid + bar_h], fill=DROP_BAR)
-            draw.text((max(zero, drop_pos(d)) + 4, mid), f"{d:.4f}", fill=INK, font=small)
-    canvas.save(out_dir / file, format="PNG")
-
-    def describe(c: Mapping[str, Any]) -> str:
-        if not c.get("available"):
-            return f"{c['target']}: not available here ({c.get('reason', '')})"
-        if not c.get("passed"):
-            return f"{c['target']}: failed ({short_failure(str(c.get('failure', '')))})"
-        drop = (
-            f", PSNR-Y drop {_drop(c['psnr_drop']):.4f} dB"
-            if c.get("psnr_drop") is not None
-            else ""
-        )
-        return f"{c['target']}: {c['median_ms']:.1f} ms{drop}"
-
+    view: _CropView,
+    pair: ImagePair,
+    ref: np.ndarray,
+    eng: np.ndarray,
+    recipe: Recipe,
+    engine_label: str,
+) -> dict[str, Any]:
+    """Bicubic, reference, engine and HR side by side on the crop, enlarged."""
+    scale, data_range, zoom = recipe.scale, recipe.data_range, view.zoom
+    panels = [
+        (f"bicubic (LR x{scale})", bicubic_crop(pair.lr, scale, view.box)),
+        ("PyTorch reference", view.crop(to_uint8(ref, data_range))),
+        (engine_label, view.crop(to_uint8(eng, data_range))),
+        ("HR", view.crop(pair.hr)),
+    ]
+    title = f"{pair.name}: {view.where_crop} (most detailed region), enlarged x{zoom}"
+    picture, boxes = compose(title, [(label, enlarge(p, zoom)) for label, p in panels])
+    compare_file = f"compare-{view.stem}.png"
+    picture.save(out_dir / compare_file, format="PNG")
     caption = (
-        f"--target auto: {latency_label} and worst PSNR-Y drop over the validation sets of "
-        "each candidate that passed"
-        + (f" (drop budget {max_psnr_drop:g} dB, dashed)" if max_psnr_drop is not None else "")
-        + f"; chosen: {chosen or '—'}. "
-        + "; ".join(describe(c) for c in candidates)
-        + "."
+        f"{pair.name}{view.where}: {view.where_crop} (the most detailed region: largest "
+        f"luma gradient energy), enlarged ×{zoom} with nearest-neighbour. "
+        f"Left to right: MATLAB-bicubic ×{scale} upscaling of the LR crop, the "
+        f"PyTorch reference (training form), the {engine_label}, HR."
     )
-    return {
-        "file": file,
-        "kind": "targets",
-        "image": None,
-        "caption": caption,
-        "targets": [c["target"] for c in candidates],
+    return {**view.record(compare_file, "comparison", caption), "panels": boxes}
+
+
+def _difference(out_dir: Path, view: _CropView, diff: np.ndarray) -> dict[str, Any]:
+    """``|engine - reference|`` as a heat map: the crop enlarged, and the whole image with
+    the crop outlined, at the gain of :func:`difference_gain`."""
+    gain = difference_gain(diff)
+    full = 255.0 / gain
+    most, crop_most = float(diff.max()), float(view.crop(diff).max())
+    overview, how = _overview(diff, gain, view.box)
+    gain_text = _format_gain(gain)
+    heat_panels = [
+        (
+            f"|engine - reference| x{gain_text}, crop",
+            enlarge(_heat(view.crop(diff), gain), view.zoom),
+        ),
+        (f"whole image ({how}), crop outlined", overview),
+    ]
+    bar_width = max(PAD + sum(p.shape[1] + PAD for _, p in heat_panels) - 2 * PAD, 300)
+    bar = _colour_bar(
+        bar_width,
+        gain,
+        [
+            f"colour = |engine - reference| (max over RGB, 0..255 units) x{gain_text}",
+            f"max |engine - reference|: {most:.3g} (image), {crop_most:.3g} (crop)",
+        ],
+    )
+    picture, boxes = compose(f"{view.image}: difference to the reference", heat_panels, bar)
+    diff_file = f"difference-{view.stem}.png"
+    picture.save(out_dir / diff_file, format="PNG")
+    caption = (
+        f"|engine − reference| on {view.image}{view.where} (maximum over RGB, 0..255 "
+        f"units), amplified ×{gain_text} so that the {PERCENTILE:g}th percentile "
+        f"maps to about full scale: black = 0, yellow-white ≥ {full:.3g} (colour "
+        f"bar in the picture). Maximum abs difference {most:.3g} over the image, "
+        f"{crop_most:.3g} in the crop (left, enlarged ×{view.zoom}); right: the whole "
+        f"image ({how}) with the crop outlined."
+    )
+    log.debug("report figures for %s: gain %s, max |e - r| %.3g", view.image, gain, most)
+    fields = {
+        "gain": gain,
+        "full_scale": full,
+        "max_abs_difference": most,
+        "crop_max_abs_difference": crop_most,
     }
+    return {**view.record(diff_file, "difference", caption, **fields), "panels": boxes}

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from esr_deploy.runtime.manifest import Auto, Manifest
+
 #: The HTML report beside ``report.md`` (:func:`write_report` writes both).
 REPORT_HTML = "report.html"
 
@@ -63,23 +65,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
     return Table(tuple(header), tuple(tuple(str(c) for c in r) for r in rows))
 
 
-def report_sections(manifest: Mapping[str, Any]) -> tuple[str, list[Section]]:
+def report_sections(m: Manifest) -> tuple[str, list[Section]]:
     """The report's title and its sections, from the manifest."""
-    m = manifest
-    title = f"{m['name']} — {m['target']}"
-    figures = list(m.get("report_figures", []))
+    title = f"{m.name} — {m.target}"
+    figures = m.report_figures
     intro = Text(
-        f"Built by esr-deploy {m['esr_deploy_version']} on {m['created']} with "
-        f"{m['backend']} {m['backend_version']} (x{m['scale']}, input range 0..{m['data_range']:g},"
-        f" {m['color_order']}, {m['layout']})."
+        f"Built by esr-deploy {m.esr_deploy_version} on {m.created} with "
+        f"{m.backend} {m.engine.backend_version} (x{m.scale}, input range 0..{m.data_range:g},"
+        f" {m.color_order}, {m.layout})."
     )
     sections = [Section("", (intro,)), _validation(m, figures)]
-    if m.get("auto"):
-        sections.append(_auto(m["auto"], figures))
+    if m.auto is not None:
+        sections.append(_auto(m.auto, figures))
     sections += [_latency(m), _model(m), _passes(m)]
-    precision = _precision(m.get("precision_onnx"))
-    if precision is not None:
-        sections.append(precision)
+    if m.precision_onnx is not None:  # its details are the precision step's own tables
+        precision = _precision(m["precision_onnx"])
+        sections += [precision] if precision is not None else []
     sections.append(_export(m))
     return title, sections
 
@@ -89,20 +90,24 @@ def _figure(f: Mapping[str, Any]) -> Figure:
     return Figure(str(f["file"]), alt, str(f["caption"]))
 
 
-def _validation(m: Mapping[str, Any], figures: Sequence[Mapping[str, Any]]) -> Section:
+def _number(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _validation(m: Manifest, figures: Sequence[Mapping[str, Any]]) -> Section:
     rows = [
         (
             name,
-            v["images"],
-            f"{v['reference_psnr_y']:.4f}",
-            f"{v['engine_psnr_y']:.4f}",
-            f"{v['psnr_drop']:.4f}",
-            f"{v['reference_ssim_y']:.4f}",
-            f"{v['engine_ssim_y']:.4f}",
-            f"{v['parity_min_psnr']:.2f}",
-            "yes" if v["passed"] else "NO",
+            "—" if v.images is None else v.images,
+            _number(v.reference_psnr_y, 4),
+            _number(v.engine_psnr_y, 4),
+            _number(v.psnr_drop, 4),
+            _number(v.reference_ssim_y, 4),
+            _number(v.engine_ssim_y, 4),
+            _number(v.parity_min_psnr, 2),
+            "yes" if v.passed else "NO",
         )
-        for name, v in m["validation"].items()
+        for name, v in m.validation.items()
     ]
     header = (
         "set",
@@ -120,22 +125,22 @@ def _validation(m: Mapping[str, Any], figures: Sequence[Mapping[str, Any]]) -> S
     return Section("Validation", tuple(blocks))
 
 
-def _auto(auto: Mapping[str, Any], figures: Sequence[Mapping[str, Any]]) -> Section:
+def _auto(auto: Auto, figures: Sequence[Mapping[str, Any]]) -> Section:
     rows = []
-    for c in auto["candidates"]:
+    for c in auto.candidates:
         if not c.get("available"):
             status, note = "not available", c.get("reason", "")
         elif not c.get("passed"):
             status, note = "failed", c.get("failure", "")
         else:
-            status, note = ("chosen" if c["target"] == auto["chosen"] else "passed"), ""
+            status, note = ("chosen" if c["target"] == auto.chosen else "passed"), ""
         median = f"{c['median_ms']:.2f}" if c.get("median_ms") is not None else "—"
         drop = f"{c['psnr_drop']:.4f}" if c.get("psnr_drop") is not None else "—"
         rows.append((c["target"], status, median, drop, note))
     blocks: list[Block] = [
         Text(
-            f"Chosen: `{auto['chosen']}` — {auto['reason']}. PSNR-Y drop budget for every "
-            f"candidate: {auto['max_psnr_drop']:g} dB."
+            f"Chosen: `{auto.chosen}` — {auto.reason}. PSNR-Y drop budget for every "
+            f"candidate: {auto.max_psnr_drop:g} dB."
         ),
         _table(("target", "result", "median (ms)", "worst PSNR-Y drop (dB)", "note"), rows),
     ]
@@ -143,16 +148,17 @@ def _auto(auto: Mapping[str, Any], figures: Sequence[Mapping[str, Any]]) -> Sect
     return Section("Target selection (--target auto)", tuple(blocks))
 
 
-def _latency(m: Mapping[str, Any]) -> Section:
+def _latency(m: Manifest) -> Section:
     rows = [
-        (shape, f"{lat['median']:.2f}", f"{lat['p10']:.2f}", f"{lat['p90']:.2f}", lat["runs"])
-        for shape, lat in m["latency_ms"].items()
-    ]
+        (shape, _number(lat.median, 2), _number(lat.p10, 2), _number(lat.p90, 2),
+         "—" if lat.runs is None else lat.runs)
+        for shape, lat in m.latency_ms.items()
+    ]  # fmt: skip
     return Section("Latency (ms)", (_table(("input", "median", "p10", "p90", "runs"), rows),))
 
 
-def _model(m: Mapping[str, Any]) -> Section:
-    mt = m["metrics"]
+def _model(m: Manifest) -> Section:
+    mt = m.metrics
     row = (
         f"{mt['params']:,}",
         f"{mt['flops_256'] / 1e9:.2f} G",
@@ -164,8 +170,8 @@ def _model(m: Mapping[str, Any]) -> Section:
     return Section("Model (NTIRE metrics at 256×256 LR)", (_table(header, [row]),))
 
 
-def _passes(m: Mapping[str, Any]) -> Section:
-    if not m["passes"]:
+def _passes(m: Manifest) -> Section:
+    if not m.passes:
         return Section("Passes", (Text("No graph passes were applied."),))
     rows = [
         (
@@ -175,13 +181,13 @@ def _passes(m: Mapping[str, Any]) -> Section:
             f"{p['params_before']} → {p['params_after']}",
             f"{p['max_abs_error']:.2g}",
         )
-        for p in m["passes"]
+        for p in m.passes
     ]
     header = ("pass", "modified", "convs", "params", "max abs error")
     return Section("Passes", (_table(header, rows),))
 
 
-def _precision(p: Mapping[str, Any] | None) -> Section | None:
+def _precision(p: Mapping[str, Any]) -> Section | None:
     """What the fp16/int8 ONNX is: calibration, and what stayed in higher precision and why."""
     if not p:
         return None
@@ -231,16 +237,15 @@ def _precision(p: Mapping[str, Any] | None) -> Section | None:
     return Section(f"Precision: {p['precision']} (`{source}`)", (Bullets(tuple(items)),))
 
 
-def _export(m: Mapping[str, Any]) -> Section:
-    ex = m["export"]
-    device = m["engine"]["device"]
+def _export(m: Manifest) -> Section:
+    ex, device, checkpoint = m.export, m.engine.device, m.checkpoint
+    error = "—" if ex.max_abs_error is None else f"{ex.max_abs_error:.3g}"
     items = (
-        f"exporter: {ex['exporter']}, opset {ex['opset']}, simplified: {ex['simplified']}",
-        f"smallest accepted LR input: {ex['input_range']['min_hw'][0]}×"
-        f"{ex['input_range']['min_hw'][1]}; profile opt {m['profile']['opt']}, "
-        f"max {m['profile']['max']}",
-        f"ONNX vs PyTorch max abs error: {ex['max_abs_error']:.3g} × data range",
-        f"checkpoint: `{m['checkpoint']['path']}` (sha256 {m['checkpoint']['sha256'][:16]}…)",
+        f"exporter: {ex.exporter}, opset {ex.opset}, simplified: {ex.simplified}",
+        f"smallest accepted LR input: {ex.min_hw[0]}×{ex.min_hw[1]}; profile opt "
+        f"{_hw(m.profile.opt)}, max {_hw(m.profile.max)}",
+        f"ONNX vs PyTorch max abs error: {error} × data range",
+        f"checkpoint: `{checkpoint.path}` (sha256 {(checkpoint.sha256 or '?')[:16]}…)",
         f"device: {device.get('model', device.get('kind'))}",
     )
     return Section("Export", (Bullets(tuple((0, i) for i in items)),))
@@ -277,7 +282,12 @@ def _md_block(block: Block) -> list[str]:
     return [f"![{_md_plain(block.alt)}]({quote(block.file)})", "", f"*{_md_plain(block.caption)}*"]
 
 
-def render_report(manifest: Mapping[str, Any]) -> str:
+def _hw(hw: tuple[int, int] | None) -> str:
+    """An H×W pair as the manifest's JSON shows it (``[256, 256]``)."""
+    return str(list(hw)) if hw is not None else "None"
+
+
+def render_report(manifest: Manifest) -> str:
     """``report.md``."""
     title, sections = report_sections(manifest)
     lines = [f"# {title}", ""]
@@ -348,7 +358,7 @@ def _html_block(block: Block) -> list[str]:
     ]
 
 
-def render_html(manifest: Mapping[str, Any]) -> str:
+def render_html(manifest: Manifest) -> str:
     """``report.html``: the same sections as :func:`render_report`, with the pictures."""
     title, sections = report_sections(manifest)
     lines = [
@@ -372,6 +382,9 @@ def render_html(manifest: Mapping[str, Any]) -> str:
 
 
 def write_report(path: Path, manifest: Mapping[str, Any]) -> None:
-    """Write ``report.md`` at ``path`` and ``report.html`` beside it (same stem)."""
-    path.write_text(render_report(manifest), encoding="utf-8")
-    path.with_suffix(".html").write_text(render_html(manifest), encoding="utf-8")
+    """``report.md`` at ``path`` and ``report.html`` beside it, from the manifest compile is
+    about to write (read as the runtime will: :meth:`Manifest.built`); its ``files`` are
+    listed afterwards, the report being one of them."""
+    checked = Manifest.built({"files": {}, **manifest}, "the manifest being written")
+    path.write_text(render_report(checked), encoding="utf-8")
+    path.with_suffix(".html").write_text(render_html(checked), encoding="utf-8")

@@ -11,7 +11,7 @@ and the report says so.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from esr_deploy.export import INPUT_NAME, OUTPUT_NAME
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import DEFAULT_TOLERANCES, Recipe, Tolerances, parse_recipe
 from esr_deploy.runtime.bundle_reader import open_bundle
+from esr_deploy.runtime.manifest import Manifest
 from esr_deploy.targets import require_available
 from esr_deploy.validate.parity import ReferenceRun, evaluate_set
 
@@ -44,24 +45,24 @@ def onnx_reference(path: Path) -> ReferenceRun:
     return run
 
 
-def recipe_from_manifest(manifest: Mapping[str, Any]) -> Recipe:
+def recipe_from_manifest(manifest: Manifest) -> Recipe:
     """The manifest's recipe as data (scale, range, colour order); never built or imported."""
-    r = manifest.get("recipe")
-    if not isinstance(r, Mapping):
+    r = manifest.recipe
+    if r is None:
         raise BundleError("The bundle's manifest has no 'recipe' table — recompile the bundle.")
     return parse_recipe({k: r[k] for k in ("name", "arch", "arch_args", "scale", "data_range",
                                            "color_order") if k in r})  # fmt: skip
 
 
-def check_same_model(manifest: Mapping[str, Any], recipe: Recipe, sha256: str) -> None:
+def check_same_model(manifest: Manifest, recipe: Recipe, sha256: str) -> None:
     """Refuse a named model that is not the one the bundle says it was built from."""
-    recorded = manifest["checkpoint"].get("sha256")
+    recorded = manifest.checkpoint.sha256
     if recorded != sha256:
         raise BundleError(
             f"The checkpoint given with --checkpoint has SHA-256 {sha256}, the bundle was built "
             f"from {recorded} — pass the checkpoint the bundle was compiled from."
         )
-    built = manifest.get("recipe") or {}
+    built = manifest.recipe or {}
     named = recipe.to_dict()
     for key in COMPARED:
         if json.dumps(built.get(key), sort_keys=True) != json.dumps(named[key], sort_keys=True):
@@ -73,7 +74,7 @@ def check_same_model(manifest: Mapping[str, Any], recipe: Recipe, sha256: str) -
 
 
 def reference_for(
-    manifest: Mapping[str, Any], reference_onnx: Path, source: ModelSource | None
+    manifest: Manifest, reference_onnx: Path, source: ModelSource | None
 ) -> tuple[ReferenceRun, Recipe, str]:
     """The reference to compare the engine with, the recipe to evaluate with, and what it is."""
     if source is None:
@@ -89,8 +90,8 @@ def reference_for(
     if source.arch:
         source = replace(
             source,
-            scale=source.scale or int(manifest["scale"]),
-            data_range=source.data_range or float(manifest["data_range"]),
+            scale=source.scale or manifest.scale,
+            data_range=source.data_range or manifest.data_range,
         )
     loaded = load_model(source)
     check_same_model(manifest, loaded.recipe, loaded.checkpoint.sha256)
@@ -107,16 +108,16 @@ def validate_bundle(
     """Re-run parity and task quality of a bundle here; returns a report dict with failures."""
     progress = progress or NullProgress()
     bundle = open_bundle(bundle_path, digest=digest)
-    manifest = dict(bundle.manifest)
-    target, backend = require_available(manifest["target"])
+    manifest = bundle.manifest
+    target, backend = require_available(manifest.target)
     backend.check_engine(manifest)
-    fp32_onnx = bundle.file(manifest["reference_onnx"])
+    fp32_onnx = bundle.file(manifest.reference_onnx)
     reference, recipe, reference_kind = reference_for(manifest, fp32_onnx, source)
-    session = backend.load(bundle.engine_path, manifest["engine"]["settings"])
+    session = backend.load(bundle.engine_path, manifest.engine.settings)
     sets = load_sets(val_dirs, recipe.scale)
     tolerance = recipe_tolerance(manifest, target.precision)
     parity_reference = None
-    if manifest.get("pruning", {}).get("mode") == "lossy":
+    if (manifest.pruning or {}).get("mode") == "lossy":
         # the engine is meant to differ from the unpruned model: parity against the pruned
         # fp32 ONNX it was built from; the PSNR drop is reported, not gated (as in compile)
         parity_reference = onnx_reference(fp32_onnx)
@@ -126,8 +127,8 @@ def validate_bundle(
         for s in sets
     ]
     return {
-        "name": manifest["name"],
-        "target": manifest["target"],
+        "name": manifest.name,
+        "target": manifest.target,
         "digest": bundle.digest,
         "reference": reference_kind,
         "validation": {r.name: r.to_dict() for r in results},
@@ -135,11 +136,11 @@ def validate_bundle(
     }
 
 
-def recipe_tolerance(manifest: Mapping[str, Any], precision: str) -> Tolerances:
+def recipe_tolerance(manifest: Manifest, precision: str) -> Tolerances:
     """The tolerance the bundle was validated with (recorded per set), else the default."""
-    for v in manifest.get("validation", {}).values():
-        req = v.get("required") if isinstance(v, Mapping) else None
-        if isinstance(req, Mapping):
+    for v in manifest.validation.values():
+        req = v.required
+        if req is not None:
             try:
                 return Tolerances(**req)
             except TypeError as exc:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -189,6 +190,78 @@ def _positive_ints(value: Any, what: str, length: int | None = None) -> list[int
     return [int(v) for v in value]
 
 
+@dataclass(frozen=True)
+class _Widths:
+    """A DRN's layer widths: the arch_args given, DRN's template for those left out (level
+    widths ``n_feats * 2**p``, 30 RCABs per level, CA reduction 16), validated; and the
+    widths that follow from them: ``level_in[i]`` (``F_i``, the up level's input: the
+    previous level's output concatenated with the skip at its resolution) and ``tail_in``."""
+
+    levels: int
+    down: list[int]
+    down_out: list[int]
+    rcabs: list[list[int]]
+    ca: list[int]
+    ups: list[int]
+    up_out: list[int]
+    level_in: list[int]
+    tail_in: int
+
+    @classmethod
+    def resolve(
+        cls,
+        head_channels: int,
+        down_channels: list[int] | None,
+        down_out_channels: list[int] | None,
+        rcab_channels: list[list[int]] | None,
+        ca_channels: list[int] | None,
+        upsampler_channels: list[int] | None,
+        up_out_channels: list[int] | None,
+        upscale: int,
+    ) -> _Widths:
+        """Raises RecipeError naming the first inconsistent argument."""
+        if not isinstance(upscale, int) or upscale < 2 or upscale & (upscale - 1):
+            raise RecipeError(
+                f"DRN arch_args are inconsistent — upscale must be a power of two >= 2 (one "
+                f"2x level each), got {upscale!r} — fix the recipe's [arch_args]"
+            )
+        levels = int(math.log2(upscale))
+        nf = head_channels
+        if down_channels is None:
+            down_channels = [nf * 2**p for p in range(levels)]
+        if down_out_channels is None:
+            down_out_channels = [nf * 2 ** (p + 1) for p in range(levels)]
+        if rcab_channels is None:
+            rcab_channels = [[nf * 2**levels] * 30 for _ in range(levels)]
+        if upsampler_channels is None:
+            upsampler_channels = [nf * 2**levels] * levels
+        if up_out_channels is None:
+            up_out_channels = [nf * 2 ** (levels - 1 - i) for i in range(levels)]
+        _positive_ints([head_channels], "head_channels")
+        down = _positive_ints(down_channels, "down_channels", levels)
+        down_out = _positive_ints(down_out_channels, "down_out_channels", levels)
+        ups = _positive_ints(upsampler_channels, "upsampler_channels", levels)
+        up_out = _positive_ints(up_out_channels, "up_out_channels", levels)
+        if (
+            not isinstance(rcab_channels, Sequence)
+            or len(rcab_channels) != levels
+            or not all(isinstance(level, Sequence) and len(level) > 0 for level in rcab_channels)
+        ):
+            raise RecipeError(
+                f"DRN arch_args are inconsistent — rcab_channels must hold {levels} non-empty "
+                f"lists (one inner width per RCAB, one list per level), got {rcab_channels!r} — "
+                "fix the recipe's [arch_args]"
+            )
+        rcabs = [_positive_ints(level, "each rcab_channels list") for level in rcab_channels]
+        skips = [head_channels, *down_out[:-1]]  # skip[p]: width at HR / 2**p
+        level_in = [down_out[-1]] + [up_out[i - 1] + skips[levels - i] for i in range(1, levels)]
+        if ca_channels is None:
+            ca_channels = [max(1, f // 16) for f in level_in]
+        ca = _positive_ints(ca_channels, "ca_channels", levels)
+        tail_in = up_out[-1] + skips[0]
+        return cls(levels, down, down_out, rcabs, ca, ups, up_out, level_in, tail_in)
+
+
 class DRN(nn.Module):
     """DRN primal network for ``upscale = 2**L`` SR; see the module docstring for the layout.
 
@@ -234,54 +307,24 @@ class DRN(nn.Module):
         upscale: int = 4,
     ) -> None:
         super().__init__()
-        if not isinstance(upscale, int) or upscale < 2 or upscale & (upscale - 1):
-            raise RecipeError(
-                f"DRN arch_args are inconsistent — upscale must be a power of two >= 2 (one "
-                f"2x level each), got {upscale!r} — fix the recipe's [arch_args]"
-            )
-        levels = int(math.log2(upscale))
-        nf = head_channels
-        # DRN's template: level widths n_feats * 2**p, 30 RCABs per level, CA reduction 16.
-        if down_channels is None:
-            down_channels = [nf * 2**p for p in range(levels)]
-        if down_out_channels is None:
-            down_out_channels = [nf * 2 ** (p + 1) for p in range(levels)]
-        if rcab_channels is None:
-            rcab_channels = [[nf * 2**levels] * 30 for _ in range(levels)]
-        if upsampler_channels is None:
-            upsampler_channels = [nf * 2**levels] * levels
-        if up_out_channels is None:
-            up_out_channels = [nf * 2 ** (levels - 1 - i) for i in range(levels)]
-        if rgb_mean is None:
-            rgb_mean = list(DIV2K_RGB_MEAN)
-        _positive_ints([head_channels], "head_channels")
-        down = _positive_ints(down_channels, "down_channels", levels)
-        down_out = _positive_ints(down_out_channels, "down_out_channels", levels)
-        ups = _positive_ints(upsampler_channels, "upsampler_channels", levels)
-        up_out = _positive_ints(up_out_channels, "up_out_channels", levels)
-        if (
-            not isinstance(rcab_channels, Sequence)
-            or len(rcab_channels) != levels
-            or not all(isinstance(level, Sequence) and len(level) > 0 for level in rcab_channels)
-        ):
-            raise RecipeError(
-                f"DRN arch_args are inconsistent — rcab_channels must hold {levels} non-empty "
-                f"lists (one inner width per RCAB, one list per level), got {rcab_channels!r} — "
-                "fix the recipe's [arch_args]"
-            )
-        rcabs = [_positive_ints(level, "each rcab_channels list") for level in rcab_channels]
-        skips = [head_channels, *down_out[:-1]]  # skip[p]: width at HR / 2**p
-        level_in = [down_out[-1]] + [up_out[i - 1] + skips[levels - i] for i in range(1, levels)]
-        tail_in = up_out[-1] + skips[0]
-        if ca_channels is None:
-            ca_channels = [max(1, f // 16) for f in level_in]
-        ca = _positive_ints(ca_channels, "ca_channels", levels)
+        w = _Widths.resolve(
+            head_channels,
+            down_channels,
+            down_out_channels,
+            rcab_channels,
+            ca_channels,
+            upsampler_channels,
+            up_out_channels,
+            upscale,
+        )
+        rgb_mean = list(DIV2K_RGB_MEAN) if rgb_mean is None else rgb_mean
         if len(rgb_mean) != 3:
             raise RecipeError(
                 f"DRN arch_args are inconsistent — rgb_mean must hold 3 values (RGB), got "
                 f"{rgb_mean!r} — fix the recipe's [arch_args]"
             )
-
+        levels, down, down_out, rcabs = w.levels, w.down, w.down_out, w.rcabs
+        ca, ups, up_out, level_in, tail_in = w.ca, w.ups, w.up_out, w.level_in, w.tail_in
         self.arch_args: dict[str, Any] = {
             "in_channels": in_channels,
             "out_channels": out_channels,

@@ -1,13 +1,13 @@
 """The one bundle reader against hostile and careless bundles (issue 14).
 
-One real bundle is compiled once (a random-weight user network, seconds); each test copies it
-into a "received" folder that also holds a *sentinel*: a file outside the bundle with secret
-content, which hostile bundles point at. Every case is run through the real CLI
-(``inspect``, ``inspect --json``, ``upscale``, ``validate``, ``bench``) and the Python API
-(:func:`esr_deploy.load`), and must give exit 2 with a message naming the entry, no traceback,
-and nothing of the sentinel (content or SHA-256) in any output. An attacker who edits the
-manifest also rewrites ``manifest.sha256``, so that the edit is caught by what it breaks,
-not by the recorded digest.
+One real bundle is compiled once (``conftest.compiled``: a random-weight user network,
+seconds); each test copies it into a "received" folder that also holds a *sentinel*: a file
+outside the bundle with secret content, which hostile bundles point at. Every case is run
+through the real CLI (``inspect``, ``inspect --json``, ``upscale``, ``validate``, ``bench``)
+and the Python API (:func:`esr_deploy.load`), and must give exit 2 with a message naming the
+entry, no traceback, and nothing of the sentinel (content or SHA-256) in any output. An
+attacker who edits the manifest also rewrites ``manifest.sha256``, so that the edit is caught
+by what it breaks, not by the recorded digest.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import onnx
 import pytest
 from onnx import external_data_helper
 from PIL import Image
+from tiny_bundle import SCALE
 from typer.testing import CliRunner
-from user_models import TINY_ARCH, tiny_args, tiny_source
+from user_models import TINY_ARCH, tiny_args
 
 import esr_deploy
 from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX
 from esr_deploy.cli import app
-from esr_deploy.compiler import CompileOptions, CompileResult, compile_model
+from esr_deploy.compiler import CompileResult
 from esr_deploy.errors import BundleError
 from esr_deploy.runtime.bundle_reader import (
     DIGEST_FILE,
@@ -43,17 +44,6 @@ from esr_deploy.runtime.bundle_reader import (
     open_bundle,
     sha256_file,
 )
-
-SCALE = 2
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
-    tmp = tmp_path_factory.mktemp("compiled")
-    options = CompileOptions(
-        source=tiny_source(tmp, SCALE), val_dirs=(), out=tmp / "bundle", latency_shapes=()
-    )
-    return compile_model(options)
 
 
 @dataclass
@@ -224,6 +214,14 @@ def _missing_metrics(r: Received) -> None:
     r.edit(lambda m: m.pop("metrics"))
 
 
+def _newer_schema(r: Received) -> None:
+    r.edit(lambda m: m.__setitem__("schema_version", 2))
+
+
+def _engine_file_not_a_name(r: Received) -> None:
+    r.edit(lambda m: m["engine"].__setitem__("file", 7))
+
+
 def _external_data(r: Received, location: str) -> None:
     """Move the fp32 ONNX's first weight to external data at ``location`` (the graph file is
     re-listed with its new checksum, as a careful attacker would)."""
@@ -284,6 +282,11 @@ CASES: dict[str, tuple[Callable[[Received], None], list[str]]] = {
     "layout edited": (_layout_edited, ["the layout is 'NHWC'"]),
     "export missing": (_missing_export, ["required key 'export' is missing"]),
     "metrics missing": (_missing_metrics, ["required key 'metrics' is missing"]),
+    "newer schema": (
+        _newer_schema,
+        ["schema_version 2", "reads schema version(s) 1", "upgrade esr-deploy"],
+    ),  # fmt: skip
+    "engine file not a name": (_engine_file_not_a_name, ["'engine.file' is int, not str"]),
     "external data outside": (_external_data_outside, ["'../secret.txt'", "contains '..'"]),
     "external data absolute": (_external_data_absolute, ["is an absolute path"]),
     "external data unlisted": (_external_data_unlisted, ["'weights.bin' is not listed"]),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_bundle_reader import SCALE, compiled  # noqa: F401 (the module's one real compile)
+from tiny_bundle import SCALE
 
 from esr_deploy.compiler import CompileResult
 
@@ -35,7 +35,7 @@ finally:
 
 
 def test_the_serving_path_runs_without_importing_torch(
-    compiled: CompileResult,  # noqa: F811
+    compiled: CompileResult,
     tmp_path: Path,
 ) -> None:
     """esr_deploy.load(...).upscale and `esr-deploy upscale` on a real bundle: torch (and the
@@ -68,7 +68,7 @@ def _without_torch(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_runtime_commands_work_and_compile_says_what_to_install_without_torch(
-    compiled: CompileResult,  # noqa: F811
+    compiled: CompileResult,
     tmp_path: Path,
 ) -> None:
     inspect = _without_torch("inspect", str(compiled.bundle), "--json")

@@ -29,6 +29,7 @@ import pytest
 import torch
 import tritonclient
 from google.protobuf import text_format
+from manifest_samples import sample_manifest
 from typer.testing import CliRunner
 
 import esr_deploy
@@ -38,6 +39,7 @@ from esr_deploy.data import read_image
 from esr_deploy.errors import BundleError, EsrDeployError, ExportError
 from esr_deploy.paths import example_checkpoint
 from esr_deploy.runtime.bundle_reader import Bundle
+from esr_deploy.runtime.manifest import Manifest
 from esr_deploy.serving.triton import (
     CONFIG,
     EntryPlan,
@@ -257,8 +259,11 @@ def test_tensorrt_plan_config_from_profiles() -> None:
     def bundle(max_batch: int) -> Bundle:
         profile = {"min": [1, 3, 16, 16], "opt": [max_batch, 3, 256, 256],
                    "max": [max_batch, 3, 1080, 1920]}  # fmt: skip
-        manifest = {"engine": {"settings": {"profiles": [profile]}}, "export": {}}
-        return Bundle(path=Path("."), manifest=manifest, digest="sha256:" + "0" * 64)
+        manifest = sample_manifest(
+            target="trt-fp32", backend="tensorrt", export={"input_range": {"min_hw": [16, 16]}}
+        )  # no batch: the profiles say it
+        manifest["engine"]["settings"] = {"profiles": [profile]}
+        return Bundle(Path("."), Manifest.from_json(manifest), "sha256:" + "0" * 64)
 
     plan = EntryPlan((("engine.plan", "model.plan"),), 'platform: "tensorrt_plan"', True,
                      "model.fp32.onnx", "plan")  # fmt: skip

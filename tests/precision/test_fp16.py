@@ -21,15 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from esr_deploy.errors import ExportError
-from esr_deploy.precision.fp16 import (
-    FP16_MAX,
-    RANGE_MARGIN,
-    UNSAFE_OPS,
-    Fp16Result,
-    convert_fp16,
-    emulate_fp16,
-    fp16_tensors,
-)
+from esr_deploy.precision.fp16 import FP16_MAX, RANGE_MARGIN, UNSAFE_OPS, Fp16Result, convert_fp16
+from esr_deploy.precision.fp16_emulation import emulate_fp16, fp16_tensors
 
 torch.set_num_threads(1)
 

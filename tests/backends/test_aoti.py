@@ -54,7 +54,7 @@ from esr_deploy.shapes import ShapeProfile
 from esr_deploy.targets import availability, get_target
 from esr_deploy.validate.rerun import validate_bundle
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the test models are imported from the repo root
     sys.path.insert(0, str(REPO))
 from tests.user_models.loud_sr import LoudSR  # noqa: E402

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from esr_deploy.passes import FoldReparam
+from esr_deploy.passes.affine_ops import count_convs
 from esr_deploy.passes.base import PassContext
-from esr_deploy.passes.linear_region import count_convs
 
 RTOL = 1e-9
 SETTINGS = settings(
@@ -405,15 +405,6 @@ STEM_CONVS = 1
 
 
 # ----------------------------------------------------------------------------- properties
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs: one thread is ~1000× faster than two contending ones on a 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_spec_model_counts_its_convs() -> None:

@@ -32,7 +32,7 @@ from esr_deploy.precision.torch_graph import (
 from esr_deploy.recipe import find_recipe
 from esr_deploy.validate.parity import model_input
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the test models are imported from the repo root
     sys.path.insert(0, str(REPO))
 from tests.user_models.loud_sr import LoudSR  # noqa: E402

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from esr_deploy.errors import RecipeError
+from esr_deploy.passes.affine_ops import trace
 from esr_deploy.recipe import find_recipe
 from esr_deploy.zoo.reparam_blocks import (
     ECB,
@@ -54,25 +55,6 @@ def build(name: str, seed: int | None = 0) -> nn.Module:
 def odd_input(name: str) -> torch.Tensor:
     x = torch.rand(1, 3, *ODD, generator=torch.Generator().manual_seed(0))
     return x * find_recipe(name).data_range
-
-
-class _WritableProxy(fx.Proxy):
-    """Plain fx proxies refuse ``t[i] = v``; record it as ``operator.setitem`` (as the
-    pipeline's tracer in ``esr_deploy.passes.linear_region`` does)."""
-
-    def __setitem__(self, index: object, value: object) -> None:
-        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
-
-
-class _Tracer(fx.Tracer):
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _WritableProxy(node, self)
-
-
-def fx_trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def n_params(model: nn.Module) -> int:
@@ -159,7 +141,7 @@ def test_odd_input_gives_scaled_output(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(TRAINING))
 def test_fx_trace_gives_identical_output(name: str) -> None:
     model, x = build(name), odd_input(name)
-    gm = fx_trace(model)
+    gm = trace(model)  # the pipeline's tracer: records t[i] = v as operator.setitem
     writes = [n for n in gm.graph.nodes if n.target is operator.setitem]
     assert bool(writes) == (name in BIAS_PADDED)  # bias padding is in the graph
     with torch.no_grad():

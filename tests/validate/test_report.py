@@ -32,18 +32,18 @@ from esr_deploy.data import ImagePair, imresize, load_validation_set
 from esr_deploy.paths import default_val_dir
 from esr_deploy.recipe import Recipe
 from esr_deploy.runtime.bundle_reader import open_bundle
+from esr_deploy.runtime.manifest import Manifest
 from esr_deploy.targets import availability, get_target
+from esr_deploy.validate.auto_chart import LATENCY_BAR, targets_figure
+from esr_deploy.validate.drawing import PAD
 from esr_deploy.validate.figures import (
     COMPARISON_IMAGES,
     HEAT_LUT,
-    LATENCY_BAR,
-    PAD,
     PANEL,
     bicubic_crop,
     comparison_figures,
     detail_crop,
     difference_gain,
-    targets_figure,
 )
 from esr_deploy.validate.report import REPORT_HTML, render_html, render_report, write_report
 
@@ -101,7 +101,7 @@ def _md_links(text: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
 
 
-def _manifest(**extra: Any) -> dict[str, Any]:
+def _manifest(**extra: Any) -> Manifest:
     """A manifest as ``build_manifest`` writes it (the keys the report reads)."""
     m: dict[str, Any] = {
         "schema_version": 1,
@@ -116,7 +116,16 @@ def _manifest(**extra: Any) -> dict[str, Any]:
         "layout": "NCHW",
         "profile": {"min": [15, 15], "opt": [256, 256], "max": [1080, 1920]},
         "checkpoint": {"path": "/ckpt/rlfn_x4.pth", "sha256": "8c7edb57dfc89048" + "0" * 48},
-        "engine": {"file": "engine.onnx", "device": {"kind": "cpu", "model": "AMD EPYC"}},
+        "engine": {
+            "file": "engine.onnx",
+            "backend_version": "1.31.1",
+            "device": {"kind": "cpu", "model": "AMD EPYC"},
+            "settings": {},
+        },
+        "inputs": [{"name": "lr", "dtype": "float32", "shape": ["N", 3, "H", "W"]}],
+        "outputs": [{"name": "sr", "dtype": "float32", "shape": ["N", 3, "H*4", "W*4"]}],
+        "reference_onnx": "model.fp32.onnx",
+        "files": {},
         "export": {
             "exporter": "torch.export (dynamo)",
             "opset": 18,
@@ -159,7 +168,7 @@ def _manifest(**extra: Any) -> dict[str, Any]:
         "created": "2026-11-22T01:08:21+00:00",
     }
     m.update(extra)
-    return m
+    return Manifest.from_json(m)
 
 
 FIGURES = [
@@ -491,10 +500,11 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
 
 def _assert_report_files(bundle: Path) -> dict[str, Any]:
     checked = open_bundle(bundle)  # every checksum holds
-    manifest = dict(checked.manifest)
+    manifest = checked.manifest.to_json()
     md = (bundle / REPORT).read_text(encoding="utf-8")
     page = (bundle / REPORT_HTML).read_text(encoding="utf-8")
-    assert md == render_report(manifest) and page == render_html(manifest)  # pure functions
+    # pure functions of the manifest
+    assert md == render_report(checked.manifest) and page == render_html(checked.manifest)
     sources, links = _parse(page).sources, _md_links(md)
     files = [f["file"] for f in manifest["report_figures"]]
     assert sources == links == files

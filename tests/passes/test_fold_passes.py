@@ -6,7 +6,7 @@ form), and graphs where it must do nothing are left untouched. The models are wr
 with their own class names and branch layouts, so the passes cannot recognise them by name.
 The pass manager's verification (a wrong pass, a crashing pass, the recorded counts) and one
 end-to-end compile through :func:`esr_deploy.compiler.compile_model` close the file.
-Random property tests on generated regions are in ``test_pass_properties.py``.
+Random property tests on generated regions are in ``test_pass_properties.py`` beside it.
 """
 
 from __future__ import annotations
@@ -33,25 +33,16 @@ from esr_deploy.passes import (
     MergeLinearChains,
     build_passes,
 )
+from esr_deploy.passes.affine_ops import count_convs, trace
 from esr_deploy.passes.base import Pass, PassContext, PassManager, PassOutcome
-from esr_deploy.passes.linear_region import count_convs, trace
 from esr_deploy.recipe import recipe_from_arch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 C = 8  # feature channels: small, so the file runs in seconds on 2 cores
 HW = (16, 16)
 CONTEXT = PassContext(data_range=1.0, sample_hw=HW)
 DRIFT = PassContext(data_range=1.0, sample_hw=HW, accept_border_drift=True)
 EXACT_TOL = 1e-5  # design.md: exact algebraic passes, max abs error relative to the range
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs: one thread avoids the thread-pool overhead that dominates on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -173,7 +164,7 @@ class TriNet(nn.Module):
 def test_user_multi_branch_block_folds_to_closed_form() -> None:
     scale, c = 2, C
     model = seeded(TriNet(c, 2 * c, scale), seed=1)
-    recipe = recipe_from_arch("tests.test_passes:TriNet", {}, scale, 1.0)
+    recipe = recipe_from_arch("tests.passes.test_fold_passes:TriNet", {}, scale, 1.0)
     deploy, results = run_passes(
         model, recipe, derive_input_range(model, scale), [], None, accept_border_drift=False
     )
@@ -484,7 +475,7 @@ def test_compile_folds_batchnorm_end_to_end(tmp_path: Path, monkeypatch: pytest.
         CompileOptions(
             source=ModelSource(
                 checkpoint=ckpt,
-                arch="tests.test_passes:BNNet",
+                arch="tests.passes.test_fold_passes:BNNet",
                 arch_args=json.dumps({"channels": 8, "scale": 4}),
                 scale=4,
                 data_range=1.0,
@@ -706,7 +697,7 @@ def test_untraceable_model_is_reported_and_kept(pass_name: str) -> None:
 
 def test_untraceable_model_still_compiles_passes() -> None:
     model = seeded(DataDependentBranch(), seed=13)
-    recipe = recipe_from_arch("tests.test_passes:DataDependentBranch", {}, 2, 1.0)
+    recipe = recipe_from_arch("tests.passes.test_fold_passes:DataDependentBranch", {}, 2, 1.0)
     deploy, results = run_passes(
         model, recipe, derive_input_range(model, 2), [], None, accept_border_drift=False
     )

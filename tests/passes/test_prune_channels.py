@@ -21,14 +21,6 @@ C = 8
 CONTEXT = PassContext(data_range=1.0, sample_hw=(16, 16))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Residual(nn.Module):
     """head -> [conv1 -> relu -> conv2] + skip -> tail -> pixel shuffle (the output)."""
 

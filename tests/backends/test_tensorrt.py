@@ -1,16 +1,16 @@
 """TensorRT and ONNX Runtime GPU backends.
 
-On any machine: optimisation profiles and their selection, the timing-cache location, the
-manifest compatibility check, the ONNX precision check, and the availability probes (which on
-a machine without TensorRT or a GPU must say so). On a GPU machine with TensorRT
-(``pytest -m gpu``): real engine builds of a tiny super-resolution ONNX in fp32, fp16 and
-int8, checked against ONNX Runtime CPU; CUDA-graph replay; the timing cache reused; parser
-errors naming the node; a manifest from another GPU refused.
+On any machine: the timing-cache location, the ONNX precision check, and the availability
+probes (which on a machine without TensorRT or a GPU must say so); the optimisation profiles
+and the manifest compatibility check are in ``test_tensorrt_profiles.py`` and
+``test_tensorrt_compat.py``. On a GPU machine with TensorRT (``pytest -m gpu``): real engine
+builds of a tiny super-resolution ONNX in fp32, fp16 and int8, checked against ONNX Runtime
+CPU; CUDA-graph replay; the timing cache reused; parser errors naming the node; a manifest
+from another GPU refused.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,109 +21,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from esr_deploy.backends.onnxruntime import cpu_session
 from esr_deploy.backends.onnxruntime_gpu import OnnxRuntimeGPU
-from esr_deploy.backends.tensorrt import (
-    ENGINE_FILE,
-    FALLBACK_MIN_HW,
-    ProfileShapes,
-    TensorRT,
-    TensorRTOptions,
-    check_gpu_engine,
-    check_onnx_precision,
-    optimization_profiles,
-    select_profile,
-    timing_cache_path,
-)
+from esr_deploy.backends.tensorrt import ENGINE_FILE, TensorRT, TensorRTOptions, timing_cache_path
+from esr_deploy.backends.tensorrt_compat import check_gpu_engine, check_onnx_precision
 from esr_deploy.errors import (
     BundleError,
     EsrDeployError,
     ExportError,
-    RecipeError,
     TargetUnavailable,
 )
 from esr_deploy.paths import cache_root
 from esr_deploy.recipe import ShapeProfile
-
-#: HR sizes (H, W) of Set5 and Set14
-SET5_SET14_HR = [
-    (512, 512), (288, 288), (256, 256), (280, 280), (344, 228),  # Set5
-    (480, 500), (576, 720), (512, 512), (288, 352), (361, 250), (276, 276), (362, 500),
-    (288, 352), (512, 512), (512, 512), (512, 768), (512, 512), (656, 529), (391, 586),
-]  # fmt: skip
-
-
-# ------------------------------------------------------------------ optimisation profiles
-
-
-def test_landscape_and_portrait_profiles_for_a_1080p_max() -> None:
-    profiles = optimization_profiles(ShapeProfile(opt=(256, 256), max=(1080, 1920), min=(8, 8)))
-    assert [p.max for p in profiles] == [(1, 3, 1080, 1920), (1, 3, 1920, 1080)]
-    assert all(p.min == (1, 3, 8, 8) and p.opt == (1, 3, 256, 256) for p in profiles)
-
-
-def test_one_profile_for_a_square_max() -> None:
-    profiles = optimization_profiles(ShapeProfile(opt=(64, 64), max=(512, 512), min=(4, 4)))
-    assert profiles == [ProfileShapes((1, 3, 4, 4), (1, 3, 64, 64), (1, 3, 512, 512))]
-
-
-def test_opt_is_clipped_into_min_max_and_transposed_for_portrait() -> None:
-    landscape, portrait = optimization_profiles(
-        ShapeProfile(opt=(2000, 2), max=(1080, 1920), min=(16, 16))
-    )
-    assert landscape.opt == (1, 3, 1080, 16)
-    assert portrait.opt == (1, 3, 16, 1080)  # the portrait form (2, 2000) clipped
-    for p in (landscape, portrait):
-        assert all(lo <= o <= hi for lo, o, hi in zip(p.min, p.opt, p.max, strict=True))
-
-
-def test_min_batch_and_channels_are_respected() -> None:
-    profiles = optimization_profiles(ShapeProfile(min=(24, 40)), batch=2, channels=1)
-    assert all(p.min == (2, 1, 24, 40) for p in profiles)
-    assert all(p.max[:2] == (2, 1) and p.opt[:2] == (2, 1) for p in profiles)
-    no_min = optimization_profiles(ShapeProfile())
-    assert no_min[0].min[2:] == FALLBACK_MIN_HW
-
-
-def test_dynamic_batch_gets_a_batch_profile_within_one_frames_memory() -> None:
-    shape = ShapeProfile(opt=(256, 256), max=(1080, 1920), min=(15, 15))
-    *frames, batched = optimization_profiles(shape, max_batch=8)
-    assert len(frames) == 2 and all(p.max[0] == p.min[0] == 1 for p in frames)
-    assert batched.min == (1, 3, 15, 15)
-    assert batched.opt == (4, 3, 256, 256) and batched.max == (8, 3, 256, 256)
-    assert select_profile([*frames, batched], (4, 3, 256, 256)) == 2
-    assert select_profile([*frames, batched], (1, 3, 256, 256)) == 0
-    assert 8 * 256 * 256 <= 1080 * 1920  # a full batch needs no more than one max frame
-
-
-def test_min_above_max_is_a_recipe_error() -> None:
-    with pytest.raises(RecipeError, match="64x64"):
-        optimization_profiles(ShapeProfile(opt=(32, 32), max=(32, 1920), min=(64, 64)))
-
-
-def test_every_benchmark_image_and_720p_frame_fits_a_profile() -> None:
-    profiles = optimization_profiles(ShapeProfile(min=(8, 8)))
-    sizes = [(h // s, w // s) for h, w in SET5_SET14_HR for s in (1, 2, 3, 4)]
-    sizes += [(720, 1280), (1280, 720), (1080, 1920), (1920, 1080), (8, 8)]
-    for h, w in sizes:
-        index = select_profile(profiles, (1, 3, h, w))
-        assert profiles[index].contains((1, 3, h, w)), (h, w)
-    assert select_profile(profiles, (1, 3, 1280, 720)) == 1  # portrait needs the second
-
-
-def test_select_profile_refuses_a_too_large_shape_naming_shape_and_ranges() -> None:
-    profiles = optimization_profiles(ShapeProfile(min=(8, 8)))
-    with pytest.raises(EsrDeployError) as info:
-        select_profile(profiles, (1, 3, 2000, 2000))
-    message = str(info.value)
-    assert "1x3x2000x2000" in message
-    assert "1x3x1080x1920" in message and "1x3x1920x1080" in message
-    with pytest.raises(EsrDeployError, match="1x3x4x4"):
-        select_profile(profiles, (1, 3, 4, 4))  # below min
-
-
-def test_profile_round_trips_through_the_manifest_form() -> None:
-    for p in optimization_profiles(ShapeProfile(min=(8, 8))):
-        assert ProfileShapes.from_dict(p.to_dict()) == p
-
 
 # ------------------------------------------------------------------------ timing cache
 
@@ -152,77 +59,6 @@ def test_cache_root_honours_esr_deploy_cache_then_xdg(
     monkeypatch.delenv("ESR_DEPLOY_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_root() == Path.home() / ".cache" / "esr-deploy"
-
-
-# -------------------------------------------------------------------- manifest checks
-
-H100 = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-A100 = {"kind": "gpu", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
-T4 = {"kind": "gpu", "name": "Tesla T4", "compute_capability": "7.5"}
-
-
-def _engine_entry(
-    device: dict[str, str], version: str = "10.13.0.35", hardware: str = "none", vc: bool = False
-) -> dict[str, object]:
-    return {
-        "file": ENGINE_FILE,
-        "backend_version": version,
-        "device": {**device, "tensorrt": version},
-        "settings": {"hardware_compatibility": hardware, "version_compatible": vc},
-    }
-
-
-def test_check_gpu_engine_passes_on_the_same_device() -> None:
-    check_gpu_engine(_engine_entry(H100), H100, "10.13.0.35")
-
-
-def test_check_gpu_engine_refuses_another_compute_capability() -> None:
-    with pytest.raises(BundleError) as info:
-        check_gpu_engine(_engine_entry(H100), A100, "10.13.0.35")
-    message = str(info.value)
-    assert "9.0" in message and "8.0" in message
-    assert "H100" in message and "A100" in message
-
-
-def test_check_gpu_engine_refuses_another_tensorrt_version() -> None:
-    with pytest.raises(BundleError) as info:
-        check_gpu_engine(_engine_entry(H100), H100, "10.14.1.48")
-    assert "10.13.0.35" in str(info.value) and "10.14.1.48" in str(info.value)
-
-
-def test_check_gpu_engine_refuses_without_a_gpu() -> None:
-    no_gpu = {"kind": "gpu", "name": None, "compute_capability": None}
-    with pytest.raises(BundleError, match="no CUDA GPU"):
-        check_gpu_engine(_engine_entry(H100), no_gpu, "10.13.0.35")
-
-
-def test_hardware_compatible_engine_runs_on_newer_ampere_plus_gpus() -> None:
-    entry = _engine_entry(A100, hardware="ampere+")
-    check_gpu_engine(entry, H100, "10.13.0.35")
-    with pytest.raises(BundleError, match="7.5"):
-        check_gpu_engine(entry, T4, "10.13.0.35")
-
-
-def test_version_compatible_engine_runs_on_newer_tensorrt_only() -> None:
-    entry = _engine_entry(H100, version="10.8.0.43", vc=True)
-    check_gpu_engine(entry, H100, "10.13.0.35")
-    check_gpu_engine(entry, H100, "11.0.0.1")
-    with pytest.raises(BundleError, match="10.8.0.43"):
-        check_gpu_engine(entry, H100, "10.7.0.23")
-    with pytest.raises(BundleError, match="12.0"):
-        check_gpu_engine(entry, H100, "12.0.0")
-    with pytest.raises(BundleError, match="compute capability"):  # still bound to its GPU
-        check_gpu_engine(entry, A100, "10.13.0.35")
-
-
-def test_other_gpu_model_of_same_capability_only_warns(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    l40 = {"kind": "gpu", "name": "NVIDIA L40S", "compute_capability": "8.9"}
-    rtx = {"kind": "gpu", "name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
-    with caplog.at_level(logging.WARNING, logger="esr_deploy.backends.tensorrt"):
-        check_gpu_engine(_engine_entry(l40), rtx, "10.13.0.35")
-    assert "L40S" in caplog.text and "RTX 4090" in caplog.text
 
 
 # ---------------------------------------------------------------- tiny SR graphs (ONNX)

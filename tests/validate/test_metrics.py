@@ -6,27 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from user_models.plain_sr import PlainSR
 
 from esr_deploy.validate.metrics import ModelMetrics, model_metrics
 
 
-class TinySR(nn.Module):
-    """conv 3→8 (3×3) → ReLU → conv 8→48 (3×3) → pixel shuffle ×4."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.ReLU()
-        self.tail = nn.Conv2d(8, 48, 3, padding=1)
-        self.up = nn.PixelShuffle(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.tail(self.act(self.head(x))))
-
-
 def test_tiny_two_conv_net_by_hand() -> None:
     h, w = 16, 20
-    m = model_metrics(TinySR(), input_hw=(h, w))
+    m = model_metrics(PlainSR(channels=8, scale=4), input_hw=(h, w))
     hw = h * w
     assert m.params == (3 * 8 * 9 + 8) + (8 * 48 * 9 + 48)
     # MACs of both convs (no bias) + one per ReLU output element; pixel shuffle is free.
@@ -38,7 +25,7 @@ def test_tiny_two_conv_net_by_hand() -> None:
 
 
 def test_default_input_is_256() -> None:
-    m = model_metrics(TinySR())
+    m = model_metrics(PlainSR(channels=8, scale=4))
     hw = 256 * 256
     assert m.activations == 56 * hw
     assert isinstance(m, ModelMetrics)

@@ -22,7 +22,7 @@ from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
 from esr_deploy.passes.base import copy_model
 from esr_deploy.passes.weight_norm import fold_weight_normalisation
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MODULE = "tests.user_models.weight_norm_sr"
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "esr_deploy" / "backends" / "tensorrt.py"
 GPU_MODULE = REPO / "esr_deploy" / "backends" / "onnxruntime_gpu.py"
 

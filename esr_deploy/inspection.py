@@ -24,7 +24,7 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
     # the compile side (torch), imported only here: inspecting a bundle runs without it
     from esr_deploy.compiler import load_model, metrics_256, run_passes
     from esr_deploy.export import derive_input_range
-    from esr_deploy.passes.linear_region import single_thread
+    from esr_deploy.passes.region_fold import single_thread
 
     loaded = load_model(source)
     with single_thread():

@@ -260,14 +260,11 @@ def compile_options(source: Any, flags: CompileFlags, precision: Any) -> Compile
     )
 
 
-def manifest_mapping(manifest: Any) -> Mapping[str, Any]:
-    """The manifest as the JSON object it is written as (a dict, or a typed Manifest)."""
-    if isinstance(manifest, Mapping):
-        return manifest
-    to_json = manifest.to_json()
-    if isinstance(to_json, str):
-        return dict(json.loads(to_json))
-    return dict(to_json)
+def manifest_mapping(manifest: Any) -> dict[str, Any]:
+    """The manifest as the JSON object it is written as: a plain dict, or a typed
+    :class:`~esr_deploy.runtime.manifest.Manifest` through its ``to_json()``."""
+    to_json = getattr(manifest, "to_json", None)
+    return dict(to_json()) if callable(to_json) else dict(manifest)
 
 
 def show_profile(manifest: Mapping[str, Any]) -> None:

@@ -406,6 +406,16 @@ def test_profile_prints_the_stage_times_the_manifest_records(compiled: tuple[Run
         assert f"{value:.2f}" in row, (stage, row)
 
 
+def test_the_summary_reads_a_typed_manifest_as_its_json(compiled: tuple[Run, Path]) -> None:
+    from esr_deploy.cli.compile import manifest_mapping
+    from esr_deploy.runtime.manifest import Manifest
+
+    _, bundle = compiled
+    written = json.loads((bundle / "manifest.json").read_text())
+    assert manifest_mapping(Manifest.from_json(written)) == written
+    assert manifest_mapping(written) == written
+
+
 def test_profile_table_shares_add_up() -> None:
     from rich.console import Console
 

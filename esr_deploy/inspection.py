@@ -14,21 +14,22 @@ if TYPE_CHECKING:
 
 
 def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
-    """What the checkpoint holds and what each default pass would do (on a copy)."""
+    """What the checkpoint holds and what each default pass would do (on a copy).
+
+    It analyses, it does not compile: the smallest input is probed on one thread (the probes
+    are at most 64×64, where a thread pool that wakes up for each conv costs more than it
+    saves), and each pass is verified on the pass manager's seeded random inputs only, not
+    on validation images (``compile`` verifies on a real LR crop too).
+    """
     # the compile side (torch), imported only here: inspecting a bundle runs without it
-    from esr_deploy.compiler import load_model, load_sets, metrics_256, run_passes
+    from esr_deploy.compiler import load_model, metrics_256, run_passes
     from esr_deploy.export import derive_input_range
+    from esr_deploy.passes.region_fold import single_thread
 
     loaded = load_model(source)
-    rng = derive_input_range(loaded.model, loaded.recipe.scale)
-    _, plan = run_passes(
-        loaded.model,
-        loaded.recipe,
-        rng,
-        load_sets((), loaded.recipe.scale),
-        None,
-        accept_border_drift=False,
-    )
+    with single_thread():
+        rng = derive_input_range(loaded.model, loaded.recipe.scale)
+    _, plan = run_passes(loaded.model, loaded.recipe, rng, (), None, accept_border_drift=False)
     m = metrics_256(loaded.model, plan[0].before if plan else None)  # counted by the passes
     return {
         "checkpoint": str(loaded.checkpoint.path),

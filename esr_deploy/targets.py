@@ -8,6 +8,11 @@ imported here, lazily, and nowhere else.
 from __future__ import annotations
 
 import importlib
+import multiprocessing
+import sys
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from esr_deploy.backends.base import Availability, Backend
@@ -136,12 +141,62 @@ def availability(target: Target) -> Availability:
     return backend.availability(target.precision)
 
 
+#: backends whose modules import torch (about 1.5 s of CPU): probed in a forked process
+_TORCH_BACKENDS = frozenset({"tensorrt", "onnxruntime_gpu", "aoti"})
+
+
+def _probe(groups: Sequence[Sequence[Target]]) -> list[list[Availability]]:
+    return [[availability(t) for t in group] for group in groups]
+
+
+def _probe_torch_side(groups: list[list[Target]]) -> Future[list[list[Availability]]] | None:
+    """The torch backends' probes started in a forked process, so that importing torch runs on
+    another core while this process probes the rest; None where fork is not the safe default
+    (not Linux), torch is imported already, or no process can be started."""
+    if not groups or sys.platform != "linux" or "torch" in sys.modules:
+        return None
+    try:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    except OSError:
+        return None
+    future = pool.submit(_probe, groups)
+    pool.shutdown(wait=False)
+    return future
+
+
+def availability_all(targets: Sequence[Target] = TARGETS) -> list[tuple[Target, Availability]]:
+    """Every target with its availability, in ``targets``' order: what ``esr-deploy targets``
+    prints, probed in parallel: the backends that import torch in a forked process, the others
+    on threads here (importing a backend, starting its runtime and timing its int8 kernels
+    mostly waits on native code, which releases the GIL). Each answer is
+    :func:`availability`'s."""
+    groups: dict[str, list[Target]] = {}
+    for target in targets:
+        groups.setdefault(target.backend, []).append(target)
+    heavy = [name for name in groups if name in _TORCH_BACKENDS]
+    forked = _probe_torch_side([groups[name] for name in heavy])
+    here = [name for name in groups if forked is None or name not in heavy]
+    with ThreadPoolExecutor(max_workers=max(len(here), 1)) as pool:
+        probed = dict(zip(here, pool.map(lambda n: _probe([groups[n]])[0], here), strict=True))
+    if forked is not None:
+        try:
+            probed.update(zip(heavy, forked.result(), strict=True))
+        except BrokenProcessPool:  # the child died (out of memory, killed): probe here
+            probed.update(zip(heavy, _probe([groups[name] for name in heavy]), strict=True))
+    found = {
+        t.name: a
+        for name, group in groups.items()
+        for t, a in zip(group, probed[name], strict=True)
+    }
+    return [(t, found[t.name]) for t in targets]
+
+
 def require_available(name: str) -> tuple[Target, Backend]:
     """The target and its backend, or :class:`TargetUnavailable` saying why and what runs."""
     target = get_target(name)
     status = availability(target)
     if not status.ok:
-        usable = [t.name for t in TARGETS if availability(t).ok]
+        usable = [t.name for t, a in availability_all() if a.ok]
         raise TargetUnavailable(
             f"Target '{name}' cannot run on this machine — {status.reason}. — Targets "
             f"available here: {', '.join(usable) or 'none'}."

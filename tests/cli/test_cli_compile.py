@@ -1,126 +1,39 @@
-"""The ``esr-deploy`` command line on bad input, failed validation and the success path.
+"""``esr-deploy compile`` on bad input, failed validation and the success path.
 
-Every case runs the real CLI in a subprocess (``python -m esr_deploy.cli``), in a temporary
-working directory, with real bad files written to ``tmp_path``: what is checked is what a
-user sees: the exit code (:mod:`esr_deploy.errors`: 2 bad input, 3 validation failed,
-4 target unavailable), a one-paragraph message that says what was seen and what to do, no
-traceback, and nothing left where the bundle would have gone (no bundle, no hidden
-``.bundle.partial-*`` staging folder).
-
-Two compiles of the bundled RLFN run in this file (one that fails validation, one that
-succeeds); each is shared by the tests that look at it through a module-scoped fixture.
+Every case runs the real CLI in a subprocess (:mod:`cli_helpers`), with real bad files
+written to ``tmp_path``. Two compiles of the bundled RLFN run here (one that fails
+validation, one that succeeds, shared with the other CLI tests by ``conftest.compiled``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import (
+    MANIFEST_KEYS,
+    OUT,
+    RLFN,
+    SCALE,
+    SET_KEYS,
+    Run,
+    RunsShell,
+    assert_nothing_written,
+    assert_refused,
+    copy_val_set,
+    esr_deploy,
+    one_error,
+    rlfn_state_dict,
+    sha256,
+)
 from PIL import Image
 
-from esr_deploy.paths import default_val_dir, example_checkpoint, recipes_dir
+from esr_deploy.paths import recipes_dir
 from esr_deploy.recipe import zoo_recipes
 from esr_deploy.targets import availability, get_target
-
-RLFN = example_checkpoint()
-SCALE = 4
-OUT = "out/bundle"  # --out, relative to the working directory of each run
-ZOO = ("dipnet_x4", "fmen_x4", "imdn_x4", "rfdn_x4", "rlfn_x4")
-#: Keys of the design's manifest example (``../shared/design.md``) that scripts read.
-MANIFEST_KEYS = {
-    "schema_version", "name", "target", "precision", "backend", "scale", "data_range",
-    "checkpoint", "passes", "metrics", "validation", "latency_ms", "files",
-}  # fmt: skip
-SET_KEYS = {
-    "images", "reference_psnr_y", "engine_psnr_y", "psnr_drop", "reference_ssim_y",
-    "engine_ssim_y", "parity_min_psnr", "parity_max_abs_error",
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-def esr_deploy(*args: object, cwd: Path, timeout: float = 300) -> Run:
-    """Run ``esr-deploy ARGS`` in ``cwd`` the way a user does, and capture what it prints."""
-    # COLUMNS: no wrapping of table rows. One torch thread: these runs check behaviour, not
-    # speed (no latency is measured), and on a busy 2-core machine two spinning OpenMP
-    # threads per process make a compile about five times slower.
-    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "esr_deploy.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    return Run(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
-
-
-def assert_refused(run: Run, code: int, words: list[str], cwd: Path) -> str:
-    """A clean refusal: exit ``code``, one ``error:`` message containing ``words``, no
-    traceback, nothing on stdout and nothing where the bundle would have gone."""
-    shown = f"exit {run.code}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
-    assert run.code == code, shown
-    assert "Traceback" not in run.stdout + run.stderr, shown
-    assert run.stdout == "", shown
-    message = one_error(run)
-    for word in words:
-        assert word in message, f"{word!r} not in the message\n{shown}"
-    assert_nothing_written(cwd)
-    return message
-
-
-def one_error(run: Run) -> str:
-    """The ``error: ...`` message, from its line to the end of stderr; there is one."""
-    lines = run.stderr.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-    assert len(starts) == 1, run.stderr
-    return "\n".join(lines[starts[0] :])
-
-
-def assert_nothing_written(cwd: Path) -> None:
-    parent = (cwd / OUT).parent
-    left = sorted(p.name for p in parent.iterdir()) if parent.exists() else []
-    assert left == [], f"left behind in {parent}: {left}"
-    assert list(cwd.rglob("*.partial-*")) == []
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def rlfn_state_dict() -> dict[str, torch.Tensor]:
-    return dict(torch.load(RLFN, map_location="cpu", weights_only=True))
-
-
-def copy_val_set(dst: Path) -> Path:
-    """A copy of the packaged validation set (HR/ and LR_bicubic/X4/) to damage."""
-    return Path(shutil.copytree(default_val_dir(), dst))
-
-
-class _RunsShell:
-    """Pickles as ``os.system("touch MARKER")``: what a malicious checkpoint does."""
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, ("touch MARKER",))
-
 
 # --------------------------------------------------------------------------------------
 # Bad checkpoints (exit 2)
@@ -160,7 +73,7 @@ def test_truncated_checkpoint(tmp_path: Path) -> None:
 
 def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path: Path) -> None:
     ckpt = tmp_path / "evil.pth"
-    torch.save({"conv.weight": torch.zeros(1), "payload": _RunsShell()}, ckpt)
+    torch.save({"conv.weight": torch.zeros(1), "payload": RunsShell()}, ckpt)
     run = esr_deploy("compile", ckpt, "--out", OUT, cwd=tmp_path)
     global_name = f"{os.system.__module__}.system"  # posix.system on Linux
     assert_refused(
@@ -408,14 +321,6 @@ def test_validation_failure_json_is_the_failing_manifest(
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
-    cwd = tmp_path_factory.mktemp("ok")
-    run = esr_deploy("compile", RLFN, "--no-latency", "--json", "--out", OUT, cwd=cwd)
-    assert run.code == 0, run.stderr
-    return run, cwd / OUT
-
-
 def test_compile_json_manifest_matches_the_bundle(compiled: tuple[Run, Path]) -> None:
     run, bundle = compiled
     assert "Traceback" not in run.stdout + run.stderr
@@ -446,78 +351,6 @@ def test_compile_json_manifest_matches_the_bundle(compiled: tuple[Run, Path]) ->
     assert f"digest: {digest}" in run.stderr and digest.startswith("sha256:")
     assert manifest["engine"]["file"] in on_disk
     assert [p.name for p in bundle.parent.iterdir()] == ["bundle"]  # no staging left
-
-
-def test_validate_inspect_on_the_bundle(compiled: tuple[Run, Path]) -> None:
-    _, bundle = compiled
-    run = esr_deploy("validate", bundle, cwd=bundle.parent)
-    assert run.code == 0, run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
-    assert "rlfn_x4" in run.stdout and "set5_crops" in run.stdout
-    run = esr_deploy("inspect", bundle, "--json", cwd=bundle.parent)
-    assert run.code == 0, run.stderr
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert json.loads(run.stdout)["files_verified"] == len(manifest["files"]) >= 3
-
-
-def test_inspect_checkpoint(tmp_path: Path) -> None:
-    run = esr_deploy("inspect", RLFN, "--json", cwd=tmp_path)
-    assert run.code == 0, run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
-    info = json.loads(run.stdout)
-    assert (info["recipe"], info["scale"], info["sha256"]) == ("rlfn_x4", 4, sha256(RLFN))
-
-
-def test_validate_refuses_a_modified_engine(compiled: tuple[Run, Path], tmp_path: Path) -> None:
-    _, bundle = compiled
-    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
-    engine = copy / json.loads((copy / "manifest.json").read_text())["engine"]["file"]
-    with engine.open("ab") as fh:
-        fh.write(b"\0")
-    run = esr_deploy("validate", copy, cwd=tmp_path)
-    assert run.code == 2, run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
-    for word in (str(engine), "does not match its manifest", "recompile"):
-        assert word in run.stderr, run.stderr
-
-
-def test_validate_a_missing_bundle(tmp_path: Path) -> None:
-    run = esr_deploy("validate", "engines/nothing-here", cwd=tmp_path)
-    assert run.code == 2, run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
-    for word in ("engines/nothing-here", "does not exist", "esr-deploy compile"):
-        assert word in one_error(run), run.stderr
-
-
-# --------------------------------------------------------------------------------------
-# Listing commands
-# --------------------------------------------------------------------------------------
-
-
-def test_targets_says_what_runs_here_and_why_not(tmp_path: Path) -> None:
-    run = esr_deploy("targets", cwd=tmp_path)
-    assert run.code == 0, run.stderr
-    cells = [line.replace("│", " ").split() for line in run.stdout.splitlines()]
-    rows = {c[0]: " ".join(c) for c in cells if c and c[0] in ("ort-fp32", "trt-fp16")}
-    assert rows["ort-fp32"].split()[1] == "yes"
-    trt = availability(get_target("trt-fp16"))
-    if not trt.ok:
-        assert rows["trt-fp16"].split()[1] == "no"
-        assert trt.reason in rows["trt-fp16"]
-
-
-def test_recipes_lists_the_zoo(tmp_path: Path) -> None:
-    run = esr_deploy("recipes", cwd=tmp_path)
-    assert run.code == 0, run.stderr
-    for name in ZOO:
-        assert name in run.stdout
-
-
-def test_help(tmp_path: Path) -> None:
-    run = esr_deploy("--help", cwd=tmp_path)
-    assert run.code == 0, run.stderr
-    for command in ("compile", "validate", "inspect", "targets", "recipes"):
-        assert command in run.stdout
 
 
 def test_unknown_pass_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -553,3 +386,77 @@ def test_passes_none_records_no_pass(tmp_path: Path) -> None:
 def test_contradictory_options_are_refused_before_any_work(tmp_path: Path, args, words) -> None:
     run = esr_deploy("compile", RLFN, *args, "--out", OUT, cwd=tmp_path)
     assert_refused(run, 2, words, tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# compile --profile, and the typed request the options map onto
+# --------------------------------------------------------------------------------------
+
+
+def test_profile_prints_the_stage_times_the_manifest_records(compiled: tuple[Run, Path]) -> None:
+    run, bundle = compiled
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    seconds = manifest.get("compile_seconds")
+    if seconds is None:  # a pipeline that records no stage timings: said, not invented
+        assert "records no stage timings" in run.stderr, run.stderr
+        return
+    table = run.stderr.split("compile stages (wall time)")[1]
+    for stage, value in seconds.items():
+        row = next(line for line in table.splitlines() if f" {stage} " in line)
+        assert f"{value:.2f}" in row, (stage, row)
+
+
+def test_the_summary_reads_a_typed_manifest_as_its_json(compiled: tuple[Run, Path]) -> None:
+    from esr_deploy.cli.compile import manifest_mapping
+    from esr_deploy.runtime.manifest import Manifest
+
+    _, bundle = compiled
+    written = json.loads((bundle / "manifest.json").read_text())
+    assert manifest_mapping(Manifest.from_json(written)) == written
+    assert manifest_mapping(written) == written
+
+
+def test_profile_table_shares_add_up() -> None:
+    from rich.console import Console
+
+    from esr_deploy.cli.display import profile_table
+
+    console = Console(width=80, record=True, color_system=None)
+    console.print(profile_table({"load": 1.0, "export": 3.0, "total": 4.0}))
+    text = console.export_text()
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in text.splitlines()]
+    rows = {c[0]: c[1:] for c in cells if c}
+    assert (rows["load"], rows["export"], rows["total"]) == (
+        ["1.00", "25%"],
+        ["3.00", "75%"],
+        ["4.00", "100%"],
+    )
+
+
+def test_options_map_onto_the_compile_request(tmp_path: Path) -> None:
+    from esr_deploy.cli.compile import CompileFlags, compile_options
+    from esr_deploy.compiling import CompileOptions
+    from esr_deploy.errors import EsrDeployError
+    from esr_deploy.loading.detect import ModelSource
+    from esr_deploy.precision.apply import PrecisionOptions
+
+    source, precision = ModelSource(RLFN), PrecisionOptions()
+    flags = CompileFlags(
+        "auto", [tmp_path], tmp_path / "b", ["64x48"], 3, 1, False, " fold-bn, none ", 0.5,
+        None, True, 0.1, "ov-fp32,ort-fp32", "dynamo",
+    )  # fmt: skip
+    options = compile_options(source, flags, precision)
+    assert options == CompileOptions(
+        source=source, target="auto", exporter="dynamo", val_dirs=(tmp_path,),
+        out=tmp_path / "b", latency_shapes=((64, 48),), latency_runs=3, large_runs=1,
+        passes=("fold-bn", "none"), accept_border_drift=True, prune_ratio=0.5, prune_to=None,
+        precision=precision, max_psnr_drop=0.1, auto_candidates=("ov-fp32", "ort-fp32"),
+    )  # fmt: skip
+    defaults = CompileFlags("ort-fp32", None, None, None, 10, 2, True, "none", None, None,
+                            False, None, None, "auto")  # fmt: skip
+    options = compile_options(source, defaults, precision)
+    assert (options.latency_shapes, options.passes, options.auto_candidates) == ((), (), None)
+    bad = CompileFlags("ort-fp32", None, None, ["64"], 10, 2, False, None, None, None,
+                       False, None, None, "auto")  # fmt: skip
+    with pytest.raises(EsrDeployError, match="--latency-shape '64' is not a shape"):
+        compile_options(source, bad, precision)

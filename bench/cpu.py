@@ -26,6 +26,7 @@ milliseconds (the header gives the load average). Results: ``bench/out/cpu.json`
     python bench/cpu.py                       # everything (make bench-cpu)
     python bench/cpu.py --models rlfn_x4 --shapes 256x256 --targets ov-fp32 ov-bf16 \\
         --peers eager-fp32 ov-plain-fp32 --runs 3          # a quick look (a few minutes)
+    python bench/cpu.py ... --bundles /tmp/b   # keep (and next time reuse) the bundles
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ def matmul_runner() -> Callable[[np.ndarray], object]:
     return lambda _x: torch.mm(a, b)
 
 
-def compile_targets(name: str, targets: list[str], tmp: Path) -> list[dict[str, Any]]:
+def compile_targets(name: str, targets: list[str], folder: Path) -> list[dict[str, Any]]:
     """Compile ``targets`` of the official ``name`` checkpoint as auto does, int8 ones at
-    both budgets; one row per engine, with its loaded session under ``"run"``."""
+    both budgets, into ``folder/<name>/<target>-<budget>`` (a bundle already there, from an
+    earlier run with ``--bundles``, is reused); one row per engine, with its loaded
+    session under ``"run"``."""
     rows: list[dict[str, Any]] = []
     for target in targets:
         budgets = [AUTO_MAX_PSNR_DROP] + ([INT8_BUDGET] if target.endswith("-int8") else [])
@@ -87,28 +90,38 @@ def compile_targets(name: str, targets: list[str], tmp: Path) -> list[dict[str, 
             if not status.ok:
                 row["skipped"] = status.reason
                 continue
-            started = time.perf_counter()
+            out = folder / name / f"{target}-{budget}"
             try:
-                result = compile_model(
-                    CompileOptions(
-                        source=ModelSource(checkpoint=SHARED / "weights" / CHECKPOINTS[name]),
-                        target=target,
-                        val_dirs=(SHARED / "data" / "sr" / "Set5",),
-                        out=tmp / f"{target}-{budget}",
-                        latency_shapes=(),
-                        max_psnr_drop=budget,
-                    )
-                )
+                manifest = _compiled(name, target, budget, out, row)
             except Exception as exc:  # a failed target is a row, not the end of the bench
                 row["failed"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 continue
-            row["compile_s"] = round(time.perf_counter() - started, 1)
-            v = result.manifest["validation"]["Set5"]
+            v = manifest["validation"]["Set5"]
             row.update(psnr_drop=v["psnr_drop"], passed=bool(v["passed"]))
-            bundle = open_bundle(result.bundle)
+            bundle = open_bundle(out)
             _, backend = require_available(target)
             row["run"] = backend.load(bundle.engine_path, bundle.manifest["engine"]["settings"]).run
     return rows
+
+
+def _compiled(name: str, target: str, budget: float, out: Path, row: dict[str, Any]) -> Any:
+    """The manifest of the bundle at ``out``: the one there, or a fresh compile."""
+    if (out / "manifest.json").is_file():
+        row["reused"] = str(out)
+        return open_bundle(out).manifest
+    started = time.perf_counter()
+    result = compile_model(
+        CompileOptions(
+            source=ModelSource(checkpoint=SHARED / "weights" / CHECKPOINTS[name]),
+            target=target,
+            val_dirs=(SHARED / "data" / "sr" / "Set5",),
+            out=out,
+            latency_shapes=(),
+            max_psnr_drop=budget,
+        )
+    )
+    row["compile_s"] = round(time.perf_counter() - started, 1)
+    return result.manifest
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -128,7 +141,7 @@ def bench_model(name: str, shapes: list[tuple[int, int]], args: argparse.Namespa
     meta = copy.deepcopy(model).to("meta")
     macs = {shape_key(hw): model_metrics(meta, hw).flops for hw in shapes}
     with tempfile.TemporaryDirectory(prefix="esr-bench-") as tmp:
-        engines = compile_targets(name, args.targets, Path(tmp))
+        engines = compile_targets(name, args.targets, args.bundles or Path(tmp))
         runners = {_label(r): r.pop("run") for r in engines if "run" in r}
         runners[MATMUL] = matmul_runner()
         rows = measure_peers(
@@ -251,6 +264,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7, help="rounds at shapes ≤ 512×512")
     parser.add_argument("--large-runs", type=int, default=3, help="rounds at larger shapes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    parser.add_argument(
+        "--bundles", type=Path, help="keep the compiled bundles here and reuse them next time"
+    )
     args = parser.parse_args()
     shapes = [parse_shape(s) for s in args.shapes]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -103,9 +103,11 @@ def plain_onnx(model: nn.Module, hw: Sequence[int]) -> bytes:
     """``torch.onnx.export`` of ``model`` at 1×3×H×W as a user would call it (its default
     exporter; the TorchScript one where that fails), serialized."""
     sample = torch.zeros(1, 3, int(hw[0]), int(hw[1]))
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        logger.setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(model, (sample,), None, dynamo=True, verbose=False)
             assert program is not None
@@ -115,6 +117,8 @@ def plain_onnx(model: nn.Module, hw: Sequence[int]) -> bytes:
             buf = io.BytesIO()
             torch.onnx.export(model, (sample,), buf, dynamo=False)  # type: ignore[arg-type]
             return buf.getvalue()
+        finally:
+            logger.setLevel(level)
 
 
 def _ort(onnx_bytes: bytes, threads: int) -> Runner:

@@ -75,14 +75,16 @@ def matmul_runner() -> Callable[[np.ndarray], object]:
     return lambda _x: torch.mm(a, b)
 
 
-def compile_targets(name: str, targets: list[str], folder: Path) -> list[dict[str, Any]]:
+def compile_targets(
+    name: str, targets: list[str], folder: Path, int8_budgets: list[float]
+) -> list[dict[str, Any]]:
     """Compile ``targets`` of the official ``name`` checkpoint as auto does, int8 ones at
     both budgets, into ``folder/<name>/<target>-<budget>`` (a bundle already there, from an
     earlier run with ``--bundles``, is reused); one row per engine, with its loaded
     session under ``"run"``."""
     rows: list[dict[str, Any]] = []
     for target in targets:
-        budgets = [AUTO_MAX_PSNR_DROP] + ([INT8_BUDGET] if target.endswith("-int8") else [])
+        budgets = int8_budgets if target.endswith("-int8") else [AUTO_MAX_PSNR_DROP]
         status = availability(get_target(target))
         for budget in budgets:
             row: dict[str, Any] = {"engine": target, "budget_db": budget}
@@ -141,7 +143,7 @@ def bench_model(name: str, shapes: list[tuple[int, int]], args: argparse.Namespa
     meta = copy.deepcopy(model).to("meta")
     macs = {shape_key(hw): model_metrics(meta, hw).flops for hw in shapes}
     with tempfile.TemporaryDirectory(prefix="esr-bench-") as tmp:
-        engines = compile_targets(name, args.targets, args.bundles or Path(tmp))
+        engines = compile_targets(name, args.targets, args.bundles or Path(tmp), args.int8_budgets)
         runners = {_label(r): r.pop("run") for r in engines if "run" in r}
         runners[MATMUL] = matmul_runner()
         rows = measure_peers(
@@ -263,6 +265,13 @@ def main() -> int:
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
     parser.add_argument("--runs", type=int, default=7, help="rounds at shapes ≤ 512×512")
     parser.add_argument("--large-runs", type=int, default=3, help="rounds at larger shapes")
+    parser.add_argument(
+        "--int8-budgets",
+        nargs="*",
+        type=float,
+        default=[AUTO_MAX_PSNR_DROP, INT8_BUDGET],
+        help="PSNR-Y drop budgets (dB) the int8 targets are compiled at",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument(
         "--bundles", type=Path, help="keep the compiled bundles here and reuse them next time"

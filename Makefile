@@ -15,7 +15,7 @@ SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast test-gpu gpu-check bench throughput cpu-bench precision \
-	upscale-bench ray-bench zoo reparam prune lint clean
+	upscale-bench ray-bench zoo reparam prune lint clean cpu-bench-quick
 
 install: $(VENV)/.installed
 
@@ -63,8 +63,15 @@ upscale-bench: install
 ray-bench: install
 	$(BIN)/python bench/scale_out.py
 
+# peers vs every CPU target, auto's choice and the matmul roofline (RLFN, IMDN, FMEN at
+# 256x256 and 720x1280; results in bench/out/cpu.md): hours on 2 busy cores
 cpu-bench: install
 	$(BIN)/python bench/cpu.py
+
+# the same for RLFN at 256x256, fp32/bf16 targets only: a few minutes
+cpu-bench-quick: install
+	$(BIN)/python bench/cpu.py --models rlfn_x4 --shapes 256x256 --targets ov-fp32 ov-bf16 \
+		--peers eager-fp32 ov-plain-fp32 ort-plain-fp32 --runs 3
 
 precision: install
 	$(BIN)/python bench/precision.py

@@ -1,0 +1,90 @@
+"""Peers: every runner a user would pick instead of an engine is built from the real
+runtimes, computes the model, and is timed side by side with the caller's engines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from esr_deploy.cpu import bf16_unavailable_reason
+from esr_deploy.validate.peers import PEERS, measure_peers, plain_onnx, shape_key
+
+
+class _TinyUpscaler(nn.Module):
+    """conv → ReLU → conv → pixel shuffle ×2, on 0..255 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.tail = nn.Conv2d(8, 12, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tail(torch.relu(self.head(x / 255.0)))
+        return nn.functional.pixel_shuffle(y, 2) * 255.0
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return _TinyUpscaler().eval()
+
+
+def test_plain_export_computes_the_model(model: nn.Module) -> None:
+    session = ort.InferenceSession(plain_onnx(model, (12, 20)), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).random((1, 3, 12, 20), dtype=np.float32) * 255
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert out.shape == (1, 3, 24, 40)
+    np.testing.assert_allclose(out, ref, atol=1e-3)
+
+
+def test_peers_and_engines_are_timed_side_by_side(model: nn.Module) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def engine(x: np.ndarray) -> object:
+        calls.append(x.shape)
+        return x
+
+    peers = [p for p in PEERS if p != "torch-compile-fp32"]
+    rows = measure_peers(
+        model, 255.0, shapes=((16, 24), (20, 12)), rounds=3, peers=peers,
+        engines={"mine": engine}, threads=1,
+    )  # fmt: skip
+    json.dumps(rows)  # plain JSON
+    assert [r.get("peer") for r in rows[:-1]] == peers and rows[-1]["engine"] == "mine"
+    # warm-up 2 + 3 rounds × (rewarm + timed) per shape
+    assert calls == [(1, 3, 16, 24)] * 8 + [(1, 3, 20, 12)] * 8
+    for row in rows:
+        if row.get("peer") == "eager-bf16" and bf16_unavailable_reason():
+            assert "bf16" in row["skipped"] and "latency_ms" not in row
+            continue
+        assert "failed" not in row and "skipped" not in row
+        for key in (shape_key((16, 24)), shape_key((20, 12))):
+            stats = row["latency_ms"][key]
+            assert stats["runs"] == 3 and 0 < stats["p10"] <= stats["median"] <= stats["p90"]
+
+
+def test_a_peer_that_cannot_run_is_a_result() -> None:
+    """A model that fails at the timed size: every peer's row says so, with the shape and
+    the first line of the error, and nothing is timed (no exception escapes)."""
+
+    class NeedsRoom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.max_pool2d(x, 3)
+
+    rows = measure_peers(NeedsRoom(), 1.0, shapes=((2, 2),), rounds=1,
+                         peers=["eager-fp32", "ort-plain-fp32"], threads=1)  # fmt: skip
+    for row in rows:
+        assert list(row["failed"]) == ["1x3x2x2"] and row["failed"]["1x3x2x2"]
+        assert "latency_ms" not in row
+
+
+def test_unknown_peer_is_refused(model: nn.Module) -> None:
+    with pytest.raises(ValueError, match="unknown peer"):
+        measure_peers(model, 255.0, peers=["tensorflow"])

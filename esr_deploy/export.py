@@ -147,14 +147,23 @@ def _runs(model: nn.Module, h: int, w: int, scale: int) -> bool:
     return _run_probe(model, h, w, scale) is None
 
 
-def derive_input_range(model: nn.Module, scale: int) -> InputRange:
+def derive_input_range(model: nn.Module, scale: int, sweep: bool = True) -> InputRange:
     """Probe the smallest H and W the model accepts (see the module docstring).
 
     Square inputs n×n for n = 1..PROBE_LIMIT give the smallest size ``m`` from which every
     square works; then each axis alone is probed below ``m`` with the other side at
     ``max(m, _PROBE_OTHER_SIDE)``, since one side can be allowed to be smaller than the other.
+
+    ``sweep=False`` (``inspect``, which describes and builds nothing) stops the squares at the
+    first that runs: ``m`` is then the smallest working square, and sizes above it that fail
+    go unlisted (a compile sweeps them all and exports only what it verified).
     """
-    ok = [_runs(model, n, n, scale) for n in range(1, PROBE_LIMIT)]
+    ok = []
+    for n in range(1, PROBE_LIMIT):
+        ok.append(_runs(model, n, n, scale))
+        if ok[-1] and not sweep:
+            ok.extend([True] * (PROBE_LIMIT - 1 - n))
+            break
     why = _run_probe(model, PROBE_LIMIT, PROBE_LIMIT, scale)
     ok.append(why is None)
     if why is not None:

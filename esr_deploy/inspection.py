@@ -28,7 +28,7 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
 
     loaded = load_model(source)
     with single_thread():
-        rng = derive_input_range(loaded.model, loaded.recipe.scale)
+        rng = derive_input_range(loaded.model, loaded.recipe.scale, sweep=False)
     _, plan = run_passes(loaded.model, loaded.recipe, rng, (), None, accept_border_drift=False)
     m = metrics_256(loaded.model, plan[0].before if plan else None)  # counted by the passes
     return {

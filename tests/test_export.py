@@ -45,6 +45,24 @@ def test_min_input_of_strided_pool_block_is_15() -> None:
     assert rng.failing_above_min == ()
 
 
+class HoleAt40(PlainSR):
+    """Runs on every square from 1 except 40×40: the quick probe cannot see the hole."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 40:
+            raise RuntimeError("no 40")
+        return super().forward(x)
+
+
+def test_the_quick_probe_finds_the_same_minimum_without_the_sweep() -> None:
+    model = TinyESA().eval()
+    assert derive_input_range(model, scale=2, sweep=False).min_hw == (15, 15)
+    holed = HoleAt40(scale=2).eval()
+    assert ("h", 40) in derive_input_range(holed, scale=2).failing_above_min
+    quick = derive_input_range(holed, scale=2, sweep=False)
+    assert quick.min_hw == (1, 1) and quick.failing_above_min == ()
+
+
 def test_min_input_of_plain_net_is_1() -> None:
     assert derive_input_range(PlainSR(scale=3).eval(), scale=3).min_hw == (1, 1)
 

@@ -223,43 +223,33 @@ class Quantizer:
             ]
         return self._weights[key]
 
-    def __call__(self, exclude: Collection[str] = (), check: bool = True) -> Int8Result:
-        """The Q/DQ model with ``exclude`` kept in float (see :func:`quantize_int8`)."""
-        model, amax, weight_max = self.model, self.amax, self.weight_max
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if opset < 13:
-            raise ExportError(
-                f"The int8 pass needs opset 13 or later (per-channel DequantizeLinear); the graph "
-                f"has opset {opset} — re-export with a newer opset."
-            )
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        graph = out.graph
-        unknown = sorted(set(exclude) - {n.name for n in graph.node})
-        if unknown:
-            raise ExportError(
-                f"Nodes to keep in float not found in the graph: {', '.join(unknown[:5])} — "
-                "use the node names that `esr-deploy inspect` lists."
-            )
-        producer = {o: n for n in graph.node for o in n.output}
-        # nodes in float: the excluded ones, and scale-preserving ops fed by a float node (they
-        # would otherwise quantise an excluded layer's output, e.g. the last conv's via the
-        # pixel shuffle)
+    def _nodes_in_float(
+        self,
+        graph: onnx.GraphProto,
+        exclude: Collection[str],
+        producer: Mapping[str, onnx.NodeProto],
+    ) -> set[str]:
+        """The excluded nodes, and scale-preserving ops fed by a float node (they would
+        otherwise quantise an excluded layer's output, e.g. the last conv's via the pixel
+        shuffle)."""
         in_float = set(exclude)
         for node in graph.node:
             src = producer.get(node.input[0]) if node.input else None
             if node.op_type in SCALE_PRESERVING_OPS and src is not None and src.name in in_float:
                 in_float.add(node.name)
-        if self._quantizable is None:
-            self._quantizable = frozenset(n.name for n in quantizable_nodes(model))
-        active = self._quantizable - in_float
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for i in node.input:
-                consumers.setdefault(i, []).append(node)
+        return in_float
+
+    def _activation_qdq(
+        self,
+        graph: onnx.GraphProto,
+        active: Collection[str],
+        in_float: Collection[str],
+        producer: Mapping[str, onnx.NodeProto],
+    ) -> tuple[dict[str, float], dict[str, list[onnx.NodeProto]], list[onnx.TensorProto]]:
+        """Scales of the activation tensors that get a Q/DQ pair, their Q and DQ nodes (the
+        consumers in ``graph`` rewired to read the DQs) and the scale initializers."""
         outputs = {o.name for o in graph.output}
         graph_inputs = {i.name for i in graph.input}
-
         # which activation tensors get a Q/DQ pair
         quantized: list[str] = []
         for node in graph.node:
@@ -281,15 +271,13 @@ class Quantizer:
                 if src is not None and src.op_type in SCALE_PRESERVING_OPS and src.name in active:
                     scales[t] = scale_of(src.input[0])
                 else:
-                    a = float(amax(t))
+                    a = float(self.amax(t))
                     scales[t] = a / INT8_MAX if a > 0 else 1.0
             return scales[t]
 
         pairs: dict[str, list[onnx.NodeProto]] = {}  # tensor -> its Q and DQ nodes
-        weight_dq: list[onnx.NodeProto] = []
-        inits: list[onnx.TensorProto] = []
         zero = "int8_zero_point"
-        inits.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zero))
+        inits = [numpy_helper.from_array(np.array(0, dtype=np.int8), zero)]
         for t in quantized:
             inits.append(
                 numpy_helper.from_array(np.array(scale_of(t), dtype=np.float32), f"{t}_scale")
@@ -318,10 +306,16 @@ class Quantizer:
                     )
                 )
                 node.input[k] = dq
+        return {t: scales[t] for t in quantized}, pairs, inits
 
-        # weights: int8 initializers + per-channel DQ
+    def _weight_qdq(
+        self, graph: onnx.GraphProto, active: Collection[str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        """Per-channel DequantizeLinear nodes of the int8 weights of the active weighted
+        nodes (rewired to read them) and the int8 initializers."""
         init_by_name = {i.name: i for i in graph.initializer}
-        int8_weights = 0
+        weight_dq: list[onnx.NodeProto] = []
+        inits: list[onnx.TensorProto] = []
         for node in graph.node:
             if node.name in active and node.op_type in WEIGHTED_OPS:
                 index, axis = WEIGHTED_OPS[node.op_type]
@@ -337,7 +331,35 @@ class Quantizer:
                     )
                 )
                 node.input[index] = f"{qname}_dq"
-                int8_weights += 1
+        return weight_dq, inits
+
+    def __call__(self, exclude: Collection[str] = (), check: bool = True) -> Int8Result:
+        """The Q/DQ model with ``exclude`` kept in float (see :func:`quantize_int8`)."""
+        model = self.model
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < 13:
+            raise ExportError(
+                f"The int8 pass needs opset 13 or later (per-channel DequantizeLinear); the graph "
+                f"has opset {opset} — re-export with a newer opset."
+            )
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        graph = out.graph
+        unknown = sorted(set(exclude) - {n.name for n in graph.node})
+        if unknown:
+            raise ExportError(
+                f"Nodes to keep in float not found in the graph: {', '.join(unknown[:5])} — "
+                "use the node names that `esr-deploy inspect` lists."
+            )
+        producer = {o: n for n in graph.node for o in n.output}
+        in_float = self._nodes_in_float(graph, exclude, producer)
+        if self._quantizable is None:
+            self._quantizable = frozenset(n.name for n in quantizable_nodes(model))
+        active = self._quantizable - in_float
+        scales, pairs, inits = self._activation_qdq(graph, active, in_float, producer)
+        weight_dq, weight_inits = self._weight_qdq(graph, active)
+        inits += weight_inits
+        graph_inputs = {i.name for i in graph.input}
 
         # topological order: each Q/DQ pair right after its tensor's producer
         ordered: list[onnx.NodeProto] = list(weight_dq)
@@ -360,16 +382,16 @@ class Quantizer:
         log.info(
             "int8: %d nodes quantised, %d tensors with Q/DQ, %d int8 weights, %d nodes in float",
             len(active),
-            len(quantized),
-            int8_weights,
+            len(scales),
+            len(weight_dq),
             len(exclude),
         )
         return Int8Result(
             model=out,
             quantized_nodes=tuple(sorted(active)),
             excluded=tuple(exclude),
-            quantized_tensors=len(quantized),
-            int8_weights=int8_weights,
-            scales={t: scales[t] for t in quantized},
-            weight_max=weight_max,
+            quantized_tensors=len(scales),
+            int8_weights=len(weight_dq),
+            scales=scales,
+            weight_max=self.weight_max,
         )

@@ -407,3 +407,20 @@ def test_search_reports_failure_when_all_in_float_still_fails(
     assert not found.passed
     assert set(found.result.excluded) == set(candidates)
     assert found.steps[-1].kept_float == len(candidates) and not found.steps[-1].passed
+
+
+def test_amax_is_the_threshold_of_the_histogram_computed_once_per_method(
+    stats,  # type: ignore[no-untyped-def]
+) -> None:
+    names = list(stats.tensors)[:4]
+    for _ in range(3):  # the search asks for the same thresholds once per candidate model
+        for name in names:
+            for method in ("mse", "entropy", "percentile"):
+                assert stats.amax(name, method, 99.9) == threshold(
+                    stats.tensors[name], method, 99.9
+                )
+    assert len(stats._thresholds) == 3 * len(names)
+    assert stats.amax(names[0], "percentile", 99.0) == threshold(
+        stats.tensors[names[0]], "percentile", 99.0
+    )  # another percentile is another threshold
+    assert len(stats._thresholds) == 3 * len(names) + 1

@@ -354,7 +354,9 @@ def test_quantizer_reused_across_exclude_sets_gives_what_a_fresh_pass_gives(
 
 def test_probe_batches_spread_crop_and_group_by_shape() -> None:
     rng = np.random.default_rng(0)
-    shapes = [(60, 70), (30, 40), (100, 120), (20, 50)] * 5  # 20 images, some below the crop
+    ch, cw = RANK_CROP
+    # 20 images, some larger than the crop, some smaller
+    shapes = [(ch + 12, cw + 22), (30, 40), (2 * ch, 2 * cw + 8), (20, 50)] * 5
     inputs = [rng.random((1, 3, h, w), dtype=np.float32) for h, w in shapes]
     batches = probe_batches(inputs)
     assert sum(b.shape[0] for b in batches) == RANK_IMAGES
@@ -363,9 +365,9 @@ def test_probe_batches_spread_crop_and_group_by_shape() -> None:
         assert b.dtype == np.float32 and b.shape[1] == 3
         assert b.shape[2] <= RANK_CROP[0] and b.shape[3] <= RANK_CROP[1]
     # the first and the last image are probes; a probe is the centre crop of its image
-    first = inputs[0][0, :, 6:54, 11:59]
+    first = inputs[0][0, :, 6 : 6 + ch, 11 : 11 + cw]
     assert any(np.array_equal(first, img) for b in batches for img in b)
-    last = inputs[-1][0, :, :, 1:49]
+    last = inputs[-1][0]  # smaller than the crop: whole
     assert any(np.array_equal(last, img) for b in batches for img in b)
     assert probe_batches(inputs[:3])[0].shape[0] + probe_batches(inputs[:3])[1].shape[0] == 3
     assert probe_batches([]) == []

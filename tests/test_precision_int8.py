@@ -20,6 +20,7 @@ from esr_deploy.errors import DataError, ExportError
 from esr_deploy.export import export_onnx
 from esr_deploy.precision.calibration import (
     HIST_BINS,
+    ActivationStats,
     CalibrationSet,
     TensorStats,
     calibration_set,
@@ -29,12 +30,15 @@ from esr_deploy.precision.calibration import (
 )
 from esr_deploy.precision.int8 import (
     INT8_MAX,
+    Int8Result,
+    Quantizer,
     _quantize_weight,
     name_nodes,
     quantize_int8,
+    sensitivity_candidates,
     weight_conv_names,
 )
-from esr_deploy.precision.sensitivity import search
+from esr_deploy.precision.sensitivity import RANK_CROP, RANK_IMAGES, probe_batches, search
 from esr_deploy.recipe import Recipe, ShapeProfile
 
 
@@ -301,8 +305,8 @@ def test_search_keeps_the_fewest_layers_that_meet_the_budget(
     x = _images(1, seed=9).inputs[0]
     ref = _run(fp32_model, x)
 
-    def quantize(exclude):  # type: ignore[no-untyped-def]
-        return quantize_int8(fp32_model, lambda t: stats.amax(t, "minmax"), exclude)
+    def quantize(exclude, check=True):  # type: ignore[no-untyped-def]
+        return quantize_int8(fp32_model, lambda t: stats.amax(t, "minmax"), exclude, check=check)
 
     candidates = weight_conv_names(fp32_model)
     full = _psnr(_run(quantize(()).model, x), ref)
@@ -323,3 +327,104 @@ def test_search_keeps_the_fewest_layers_that_meet_the_budget(
     # a budget met by the fully quantised model keeps nothing in float
     easy = search(fp32_model, quantize, candidates, calib.inputs, lambda r: (True, "ok"))
     assert easy.result.excluded == () and easy.ranking == ()
+
+
+def test_quantizer_reused_across_exclude_sets_gives_what_a_fresh_pass_gives(
+    fp32_model: onnx.ModelProto,
+    stats,  # type: ignore[no-untyped-def]
+) -> None:
+    """The search's Quantizer caches the analysis and the int8 weights: every exclude set,
+    in any order, must give the model a fresh quantize_int8 gives, byte for byte."""
+    amax = lambda t: stats.amax(t, "mse")  # noqa: E731
+    candidates = sensitivity_candidates(fp32_model)
+    quantizer = Quantizer(fp32_model, amax, 63)
+    for exclude in [(), candidates[:1], candidates[2:5], (), candidates, candidates[:1]]:
+        fresh = quantize_int8(fp32_model, amax, exclude, 63)
+        reused = quantizer(exclude)
+        assert reused.model.SerializeToString() == fresh.model.SerializeToString()
+        assert reused.int8_weights == fresh.int8_weights and reused.scales == fresh.scales
+    # a probe skips only the final checks: the same nodes and initializers
+    probe = quantizer(candidates[:1], check=False).model
+    checked = quantizer(candidates[:1]).model
+    assert [n.name for n in probe.graph.node] == [n.name for n in checked.graph.node]
+    assert probe.graph.initializer == checked.graph.initializer
+    x = _images(1, seed=3).inputs[0]
+    np.testing.assert_array_equal(_run(probe, x), _run(checked, x))
+
+
+def test_probe_batches_spread_crop_and_group_by_shape() -> None:
+    rng = np.random.default_rng(0)
+    ch, cw = RANK_CROP
+    # 20 images, some larger than the crop, some smaller
+    shapes = [(ch + 12, cw + 22), (30, 40), (2 * ch, 2 * cw + 8), (20, 50)] * 5
+    inputs = [rng.random((1, 3, h, w), dtype=np.float32) for h, w in shapes]
+    batches = probe_batches(inputs)
+    assert sum(b.shape[0] for b in batches) == RANK_IMAGES
+    assert len({b.shape[1:] for b in batches}) == len(batches)  # one batch per crop shape
+    for b in batches:
+        assert b.dtype == np.float32 and b.shape[1] == 3
+        assert b.shape[2] <= RANK_CROP[0] and b.shape[3] <= RANK_CROP[1]
+    # the first and the last image are probes; a probe is the centre crop of its image
+    first = inputs[0][0, :, 6 : 6 + ch, 11 : 11 + cw]
+    assert any(np.array_equal(first, img) for b in batches for img in b)
+    last = inputs[-1][0]  # smaller than the crop: whole
+    assert any(np.array_equal(last, img) for b in batches for img in b)
+    assert probe_batches(inputs[:3])[0].shape[0] + probe_batches(inputs[:3])[1].shape[0] == 3
+    assert probe_batches([]) == []
+
+
+@pytest.mark.parametrize("needed", [1, 2, 3, 5, 8])
+def test_search_finds_the_smallest_passing_k_in_few_gate_runs(
+    fp32_model: onnx.ModelProto,
+    stats,  # type: ignore[no-untyped-def]
+    needed: int,
+) -> None:
+    """A gate that passes once ``needed`` of the ranked layers are in float (monotone): the
+    search returns exactly ``needed`` and runs the gate at most 2·log2(needed) + 2 times."""
+    quantizer = Quantizer(fp32_model, lambda t: stats.amax(t, "minmax"))
+    candidates = sensitivity_candidates(fp32_model)
+    assert len(candidates) >= 8
+    calls: list[int] = []
+
+    def accept(result: Int8Result) -> tuple[bool, str]:
+        calls.append(len(result.excluded))
+        return len(result.excluded) >= needed, ""
+
+    found = search(fp32_model, quantizer, candidates, _images().inputs, accept)
+    assert found.passed and len(found.result.excluded) == needed
+    assert [s.kept_float for s in found.steps] == calls
+    assert any(s.passed and s.kept_float == needed for s in found.steps)
+    assert len(calls) <= 2 * np.ceil(np.log2(needed)) + 2
+    ranked = [n for n, _ in found.ranking]
+    assert sorted(ranked) == sorted(candidates)
+    assert list(found.result.excluded) == ranked[:needed]
+
+
+def test_search_reports_failure_when_all_in_float_still_fails(
+    fp32_model: onnx.ModelProto,
+    stats,  # type: ignore[no-untyped-def]
+) -> None:
+    quantizer = Quantizer(fp32_model, lambda t: stats.amax(t, "minmax"))
+    candidates = sensitivity_candidates(fp32_model)
+    found = search(fp32_model, quantizer, candidates, _images().inputs, lambda r: (False, "no"))
+    assert not found.passed
+    assert set(found.result.excluded) == set(candidates)
+    assert found.steps[-1].kept_float == len(candidates) and not found.steps[-1].passed
+
+
+def test_amax_is_the_threshold_of_the_histogram_computed_once_per_method(
+    stats,  # type: ignore[no-untyped-def]
+) -> None:
+    fresh = ActivationStats(stats.tensors, stats.key)  # the fixture's cache is shared
+    names = list(fresh.tensors)[:4]
+    for _ in range(3):  # the search asks for the same thresholds once per candidate model
+        for name in names:
+            for method in ("mse", "entropy", "percentile"):
+                assert fresh.amax(name, method, 99.9) == threshold(
+                    fresh.tensors[name], method, 99.9
+                )
+    assert len(fresh._thresholds) == 3 * len(names)
+    assert fresh.amax(names[0], "percentile", 99.0) == threshold(
+        fresh.tensors[names[0]], "percentile", 99.0
+    )  # another percentile is another threshold
+    assert len(fresh._thresholds) == 3 * len(names) + 1

@@ -36,7 +36,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,17 +150,27 @@ class TensorStats:
 
 @dataclass(frozen=True)
 class ActivationStats:
-    """Statistics of every float tensor of one graph on one calibration set."""
+    """Statistics of every float tensor of one graph on one calibration set.
+
+    :meth:`amax` is computed once per tensor, method and percentile (the sensitivity search
+    quantises the graph a hundred times; the ``mse`` and ``entropy`` searches over the
+    histogram took most of that time)."""
 
     tensors: Mapping[str, TensorStats]
     key: str
     from_cache: bool = False
+    _thresholds: dict[tuple[str, str, float], float] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def absmax(self) -> dict[str, float]:
         return {name: t.absmax for name, t in self.tensors.items()}
 
     def amax(self, name: str, method: str, percentile: float = DEFAULT_PERCENTILE) -> float:
-        return threshold(self.tensors[name], method, percentile)
+        key = (name, method, percentile)
+        if key not in self._thresholds:
+            self._thresholds[key] = threshold(self.tensors[name], method, percentile)
+        return self._thresholds[key]
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> bytes:

@@ -179,158 +179,219 @@ def quantize_int8(
     amax: Callable[[str], float],
     exclude: Collection[str] = (),
     weight_max: int = INT8_MAX,
+    check: bool = True,
 ) -> Int8Result:
     """Insert Q/DQ into ``model`` (nodes named, see :func:`name_nodes`).
 
     ``amax(tensor)`` is the calibrated clipping threshold of an activation tensor of the
     fp32 graph; ``exclude`` names nodes kept in float (the sensitivity search's choice);
     ``weight_max`` is ``M`` of the weights' range ``±M`` (127, or 63 for saturating CPUs).
+    ``check``: infer shapes and run the ONNX checker on the result (off only for throwaway
+    probes, see :class:`Quantizer`).
     """
-    if not 1 <= weight_max <= INT8_MAX:
-        raise ValueError(f"weight_max must be in [1, {INT8_MAX}], got {weight_max}")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        raise ExportError(
-            f"The int8 pass needs opset 13 or later (per-channel DequantizeLinear); the graph "
-            f"has opset {opset} — re-export with a newer opset."
-        )
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    unknown = sorted(set(exclude) - {n.name for n in graph.node})
-    if unknown:
-        raise ExportError(
-            f"Nodes to keep in float not found in the graph: {', '.join(unknown[:5])} — "
-            "use the node names that `esr-deploy inspect` lists."
-        )
-    producer = {o: n for n in graph.node for o in n.output}
-    # nodes in float: the excluded ones, and scale-preserving ops fed by a float node (they
-    # would otherwise quantise an excluded layer's output, e.g. the last conv's via the
-    # pixel shuffle)
-    in_float = set(exclude)
-    for node in graph.node:
-        src = producer.get(node.input[0]) if node.input else None
-        if node.op_type in SCALE_PRESERVING_OPS and src is not None and src.name in in_float:
-            in_float.add(node.name)
-    active = {n.name for n in quantizable_nodes(out)} - in_float
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    outputs = {o.name for o in graph.output}
-    graph_inputs = {i.name for i in graph.input}
+    return Quantizer(model, amax, weight_max)(exclude, check)
 
-    # which activation tensors get a Q/DQ pair
-    quantized: list[str] = []
-    for node in graph.node:
-        if node.name not in active:
-            continue
-        for t in _data_inputs(node):
-            src = producer.get(t)
-            if t in outputs or (src is None and t not in graph_inputs):
-                continue
-            quantized.append(t)
-    quantized = list(dict.fromkeys(quantized))
 
-    # scales: calibrated, or inherited through scale-preserving ops (in topological order)
-    scales: dict[str, float] = {}
+class Quantizer:
+    """:func:`quantize_int8` of one model with many ``exclude`` sets (the sensitivity search
+    builds one per candidate): what does not depend on ``exclude`` — which nodes are
+    quantisable, each conv's int8 weights — is computed once; every call returns exactly
+    what :func:`quantize_int8` returns."""
 
-    def scale_of(t: str) -> float:
-        if t not in scales:
-            src = producer.get(t)
-            if src is not None and src.op_type in SCALE_PRESERVING_OPS and src.name in active:
-                scales[t] = scale_of(src.input[0])
-            else:
-                a = float(amax(t))
-                scales[t] = a / INT8_MAX if a > 0 else 1.0
-        return scales[t]
+    def __init__(
+        self, model: onnx.ModelProto, amax: Callable[[str], float], weight_max: int = INT8_MAX
+    ) -> None:
+        if not 1 <= weight_max <= INT8_MAX:
+            raise ValueError(f"weight_max must be in [1, {INT8_MAX}], got {weight_max}")
+        self.model = model
+        self.amax = amax
+        self.weight_max = weight_max
+        self._quantizable: frozenset[str] | None = None
+        self._weights: dict[tuple[str, str], list[onnx.TensorProto]] = {}
 
-    pairs: dict[str, list[onnx.NodeProto]] = {}  # tensor -> its Q and DQ nodes
-    weight_dq: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    zero = "int8_zero_point"
-    inits.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zero))
-    for t in quantized:
-        inits.append(numpy_helper.from_array(np.array(scale_of(t), dtype=np.float32), f"{t}_scale"))
-        pairs[t] = [
-            helper.make_node(
-                "QuantizeLinear", [t, f"{t}_scale", zero], [f"{t}_q"], name=f"{t}_QuantizeLinear"
-            )
-        ]
-
-    # one QuantizeLinear per tensor, one DequantizeLinear per consumer (a runtime fuses a DQ
-    # into the node it alone serves); excluded nodes keep reading the float tensor
-    for node in graph.node:
-        if node.name in in_float:
-            continue
-        for k, t in enumerate(node.input):
-            if t not in pairs:
-                continue
-            dq = f"{t}_dq{len(pairs[t]) - 1}"
-            pairs[t].append(
-                helper.make_node(
-                    "DequantizeLinear", [f"{t}_q", f"{t}_scale", zero], [dq], name=f"{dq}_node"
-                )
-            )
-            node.input[k] = dq
-
-    # weights: int8 initializers + per-channel DQ
-    init_by_name = {i.name: i for i in graph.initializer}
-    int8_weights = 0
-    for node in graph.node:
-        if node.name in active and node.op_type in WEIGHTED_OPS:
-            index, axis = WEIGHTED_OPS[node.op_type]
-            wname = node.input[index]
-            w = numpy_helper.to_array(init_by_name[wname])
-            q, sc = _quantize_weight(w, axis, weight_max)
-            qname = f"{node.name}_weight_int8"
-            inits += [
+    def _int8_weight(
+        self, node: onnx.NodeProto, init: onnx.TensorProto, qname: str, axis: int
+    ) -> list[onnx.TensorProto]:
+        """The int8 weight of ``node``, its per-channel scales and zero points."""
+        key = (node.name, init.name)
+        if key not in self._weights:
+            q, sc = _quantize_weight(numpy_helper.to_array(init), axis, self.weight_max)
+            self._weights[key] = [
                 numpy_helper.from_array(q, qname),
                 numpy_helper.from_array(sc, f"{qname}_scale"),
                 numpy_helper.from_array(np.zeros(sc.shape, dtype=np.int8), f"{qname}_zero_point"),
             ]
-            weight_dq.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [qname, f"{qname}_scale", f"{qname}_zero_point"],
-                    [f"{qname}_dq"],
-                    name=f"{qname}_DequantizeLinear",
-                    axis=axis,
-                )
-            )
-            node.input[index] = f"{qname}_dq"
-            int8_weights += 1
+        return self._weights[key]
 
-    # topological order: each Q/DQ pair right after its tensor's producer
-    ordered: list[onnx.NodeProto] = list(weight_dq)
-    for t in graph_inputs:
-        ordered += pairs.get(t, [])
-    for node in graph.node:
-        ordered.append(node)
-        for o in node.output:
-            ordered += pairs.get(o, [])
-    del graph.node[:]
-    graph.node.extend(ordered)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + inits)
-    del graph.value_info[:]
-    out = onnx.shape_inference.infer_shapes(out)
-    onnx.checker.check_model(out, full_check=True)
-    log.info(
-        "int8: %d nodes quantised, %d tensors with Q/DQ, %d int8 weights, %d nodes in float",
-        len(active),
-        len(quantized),
-        int8_weights,
-        len(exclude),
-    )
-    return Int8Result(
-        model=out,
-        quantized_nodes=tuple(sorted(active)),
-        excluded=tuple(exclude),
-        quantized_tensors=len(quantized),
-        int8_weights=int8_weights,
-        scales={t: scales[t] for t in quantized},
-        weight_max=weight_max,
-    )
+    def _nodes_in_float(
+        self,
+        graph: onnx.GraphProto,
+        exclude: Collection[str],
+        producer: Mapping[str, onnx.NodeProto],
+    ) -> set[str]:
+        """The excluded nodes, and scale-preserving ops fed by a float node (they would
+        otherwise quantise an excluded layer's output, e.g. the last conv's via the pixel
+        shuffle)."""
+        in_float = set(exclude)
+        for node in graph.node:
+            src = producer.get(node.input[0]) if node.input else None
+            if node.op_type in SCALE_PRESERVING_OPS and src is not None and src.name in in_float:
+                in_float.add(node.name)
+        return in_float
+
+    def _activation_qdq(
+        self,
+        graph: onnx.GraphProto,
+        active: Collection[str],
+        in_float: Collection[str],
+        producer: Mapping[str, onnx.NodeProto],
+    ) -> tuple[dict[str, float], dict[str, list[onnx.NodeProto]], list[onnx.TensorProto]]:
+        """Scales of the activation tensors that get a Q/DQ pair, their Q and DQ nodes (the
+        consumers in ``graph`` rewired to read the DQs) and the scale initializers."""
+        outputs = {o.name for o in graph.output}
+        graph_inputs = {i.name for i in graph.input}
+        # which activation tensors get a Q/DQ pair
+        quantized: list[str] = []
+        for node in graph.node:
+            if node.name not in active:
+                continue
+            for t in _data_inputs(node):
+                src = producer.get(t)
+                if t in outputs or (src is None and t not in graph_inputs):
+                    continue
+                quantized.append(t)
+        quantized = list(dict.fromkeys(quantized))
+
+        # scales: calibrated, or inherited through scale-preserving ops (in topological order)
+        scales: dict[str, float] = {}
+
+        def scale_of(t: str) -> float:
+            if t not in scales:
+                src = producer.get(t)
+                if src is not None and src.op_type in SCALE_PRESERVING_OPS and src.name in active:
+                    scales[t] = scale_of(src.input[0])
+                else:
+                    a = float(self.amax(t))
+                    scales[t] = a / INT8_MAX if a > 0 else 1.0
+            return scales[t]
+
+        pairs: dict[str, list[onnx.NodeProto]] = {}  # tensor -> its Q and DQ nodes
+        zero = "int8_zero_point"
+        inits = [numpy_helper.from_array(np.array(0, dtype=np.int8), zero)]
+        for t in quantized:
+            inits.append(
+                numpy_helper.from_array(np.array(scale_of(t), dtype=np.float32), f"{t}_scale")
+            )
+            pairs[t] = [
+                helper.make_node(
+                    "QuantizeLinear",
+                    [t, f"{t}_scale", zero],
+                    [f"{t}_q"],
+                    name=f"{t}_QuantizeLinear",
+                )
+            ]
+
+        # one QuantizeLinear per tensor, one DequantizeLinear per consumer (a runtime fuses a DQ
+        # into the node it alone serves); excluded nodes keep reading the float tensor
+        for node in graph.node:
+            if node.name in in_float:
+                continue
+            for k, t in enumerate(node.input):
+                if t not in pairs:
+                    continue
+                dq = f"{t}_dq{len(pairs[t]) - 1}"
+                pairs[t].append(
+                    helper.make_node(
+                        "DequantizeLinear", [f"{t}_q", f"{t}_scale", zero], [dq], name=f"{dq}_node"
+                    )
+                )
+                node.input[k] = dq
+        return {t: scales[t] for t in quantized}, pairs, inits
+
+    def _weight_qdq(
+        self, graph: onnx.GraphProto, active: Collection[str]
+    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        """Per-channel DequantizeLinear nodes of the int8 weights of the active weighted
+        nodes (rewired to read them) and the int8 initializers."""
+        init_by_name = {i.name: i for i in graph.initializer}
+        weight_dq: list[onnx.NodeProto] = []
+        inits: list[onnx.TensorProto] = []
+        for node in graph.node:
+            if node.name in active and node.op_type in WEIGHTED_OPS:
+                index, axis = WEIGHTED_OPS[node.op_type]
+                qname = f"{node.name}_weight_int8"
+                inits += self._int8_weight(node, init_by_name[node.input[index]], qname, axis)
+                weight_dq.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [qname, f"{qname}_scale", f"{qname}_zero_point"],
+                        [f"{qname}_dq"],
+                        name=f"{qname}_DequantizeLinear",
+                        axis=axis,
+                    )
+                )
+                node.input[index] = f"{qname}_dq"
+        return weight_dq, inits
+
+    def __call__(self, exclude: Collection[str] = (), check: bool = True) -> Int8Result:
+        """The Q/DQ model with ``exclude`` kept in float (see :func:`quantize_int8`)."""
+        model = self.model
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < 13:
+            raise ExportError(
+                f"The int8 pass needs opset 13 or later (per-channel DequantizeLinear); the graph "
+                f"has opset {opset} — re-export with a newer opset."
+            )
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        graph = out.graph
+        unknown = sorted(set(exclude) - {n.name for n in graph.node})
+        if unknown:
+            raise ExportError(
+                f"Nodes to keep in float not found in the graph: {', '.join(unknown[:5])} — "
+                "use the node names that `esr-deploy inspect` lists."
+            )
+        producer = {o: n for n in graph.node for o in n.output}
+        in_float = self._nodes_in_float(graph, exclude, producer)
+        if self._quantizable is None:
+            self._quantizable = frozenset(n.name for n in quantizable_nodes(model))
+        active = self._quantizable - in_float
+        scales, pairs, inits = self._activation_qdq(graph, active, in_float, producer)
+        weight_dq, weight_inits = self._weight_qdq(graph, active)
+        inits += weight_inits
+        graph_inputs = {i.name for i in graph.input}
+
+        # topological order: each Q/DQ pair right after its tensor's producer
+        ordered: list[onnx.NodeProto] = list(weight_dq)
+        for t in graph_inputs:
+            ordered += pairs.get(t, [])
+        for node in graph.node:
+            ordered.append(node)
+            for o in node.output:
+                ordered += pairs.get(o, [])
+        del graph.node[:]
+        graph.node.extend(ordered)
+        used = {i for n in graph.node for i in n.input}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept + inits)
+        del graph.value_info[:]
+        if check:
+            out = onnx.shape_inference.infer_shapes(out)
+            onnx.checker.check_model(out, full_check=True)
+        log.info(
+            "int8: %d nodes quantised, %d tensors with Q/DQ, %d int8 weights, %d nodes in float",
+            len(active),
+            len(scales),
+            len(weight_dq),
+            len(exclude),
+        )
+        return Int8Result(
+            model=out,
+            quantized_nodes=tuple(sorted(active)),
+            excluded=tuple(exclude),
+            quantized_tensors=len(scales),
+            int8_weights=len(weight_dq),
+            scales=scales,
+            weight_max=self.weight_max,
+        )

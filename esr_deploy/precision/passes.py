@@ -19,11 +19,11 @@ import onnx
 
 from esr_deploy.precision.base import PrecisionOutcome, PrecisionPass
 from esr_deploy.precision.fp16 import convert_fp16
-from esr_deploy.precision.int8 import INT8_MAX, Int8Result, quantize_int8
-from esr_deploy.precision.sensitivity import SensitivityResult
+from esr_deploy.precision.int8 import INT8_MAX, Int8Result, Quantizer
+from esr_deploy.precision.sensitivity import Quantize, SensitivityResult
 
-#: runs the sensitivity search: (fp32 model, quantize(exclude)) → the search's result
-Search = Callable[[onnx.ModelProto, Callable[[Sequence[str]], Int8Result]], SensitivityResult]
+#: runs the sensitivity search: (fp32 model, quantize(exclude, check)) → the search's result
+Search = Callable[[onnx.ModelProto, Quantize], SensitivityResult]
 
 
 class ConvertFp16(PrecisionPass):
@@ -57,8 +57,10 @@ class QuantizeInt8(PrecisionPass):
         self.search = search
 
     def run(self, model: onnx.ModelProto) -> PrecisionOutcome:
-        def quantize(exclude: Sequence[str]) -> Int8Result:
-            return quantize_int8(model, self.amax, (*self.keep_float, *exclude), self.weight_max)
+        quantizer = Quantizer(model, self.amax, self.weight_max)
+
+        def quantize(exclude: Sequence[str], check: bool = True) -> Int8Result:
+            return quantizer((*self.keep_float, *exclude), check)
 
         info: dict[str, object] = {}
         if self.search is not None:

@@ -11,8 +11,10 @@ parity floor. Kernels may differ between batch sizes (another blocking, another 
 order), so exact equality is not required; a batch that mixes images up fails by tens of dB.
 
 **Throughput.** At one LR shape ``h × w`` the engine runs batch 1 and batch ``N`` alternately
-(:func:`esr_deploy.validate.latency.measure_interleaved`); recorded per batch size: the median
-latency of one call and ``images/s = N / median``.
+(:func:`esr_deploy.validate.latency.measure_interleaved`, each timed call re-warmed, so one
+warm-up round is enough), at least 3 rounds and at most ``runs``, fewer once the timed calls
+reach :data:`THROUGHPUT_BUDGET_S`; recorded per batch size: the median latency of one call,
+``images/s = N / median`` and the rounds timed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from esr_deploy.validate.parity import _parity, model_input
 #: the batch validated and timed (the TensorRT batch profile's opt batch)
 CHECK_BATCH = 4
 CHECK_SIDE = 64
+#: Seconds of timed calls after which the throughput rounds stop (at least 3 rounds): at
+#: 256×256 on 2 cores a round of batch 1 and batch 4, each re-warmed, takes seconds.
+THROUGHPUT_BUDGET_S = 4.0
 
 
 def _crops(sets: Sequence[ValidationSet], min_hw: Sequence[int], recipe: Recipe) -> np.ndarray:
@@ -95,7 +100,10 @@ def measure_throughput(
     x = (gen.random((CHECK_BATCH, 3, *hw), dtype=np.float32) * data_range).astype(np.float32)
     one, many = x[:1], x
     stats = measure_interleaved(
-        [lambda: session.run(one), lambda: session.run(many)], warmup=warmup, rounds=runs
+        [lambda: session.run(one), lambda: session.run(many)],
+        warmup=min(warmup, 1),
+        rounds=runs,
+        budget_s=THROUGHPUT_BUDGET_S,
     )
     return {
         f"{n}x3x{hw[0]}x{hw[1]}": {

@@ -3,6 +3,11 @@
 Each timed run is measured with ``time.perf_counter_ns`` around one call of ``run``; the
 callable must itself wait for its work to finish (e.g. ``torch.cuda.synchronize()`` or a
 blocking engine call), otherwise only the launch is timed.
+
+**Time budget** (``budget_s``, optional): the timed runs (rounds) stop early once at least
+``min_runs`` of them are done and their timed total reaches ``budget_s`` seconds, so a slow
+shape (a 720p frame takes seconds on 2 cores) is timed fewer times and a fast one as often
+as asked; the statistics say how many runs they summarise. Without it, exactly ``runs``.
 """
 
 from __future__ import annotations
@@ -52,38 +57,61 @@ class LatencyStats:
         }
 
 
+def _check_budget(budget_s: float | None, min_runs: int) -> None:
+    if budget_s is not None and not budget_s >= 0.0:  # also refuses NaN
+        raise ValueError(f"budget_s must be >= 0 seconds, got {budget_s}")
+    if min_runs < 1:
+        raise ValueError(f"min_runs must be >= 1, got {min_runs}")
+
+
+def _spent(done: int, total_ns: int, budget_s: float | None, min_runs: int) -> bool:
+    """Whether the time budget ends the timed runs after ``done`` of them (module docstring)."""
+    return budget_s is not None and done >= min_runs and total_ns >= budget_s * 1e9
+
+
 def measure_latency(
     run: Callable[[], object],
     warmup: int,
     runs: int,
     on_step: Callable[[], None] | None = None,
+    budget_s: float | None = None,
+    min_runs: int = 3,
 ) -> LatencyStats:
-    """Call ``run`` ``warmup`` times untimed, then ``runs`` times timed, and summarise.
+    """Call ``run`` ``warmup`` times untimed, then ``runs`` times timed (fewer, but at least
+    ``min(min_runs, runs)``, once ``budget_s`` seconds of timed runs are spent), and summarise.
 
     ``on_step`` (e.g. a progress bar's ``advance``) is called after every call, warm-up
-    included (``warmup + runs`` times in all), outside the timed interval.
+    included, outside the timed interval.
 
     Raises:
-        ValueError: ``warmup < 0`` or ``runs < 1``.
+        ValueError: ``warmup < 0``, ``runs < 1``, ``min_runs < 1`` or ``budget_s < 0``.
     """
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    _check_budget(budget_s, min_runs)
     for _ in range(warmup):
         run()
         if on_step is not None:
             on_step()
     times_ns = np.empty(runs, dtype=np.int64)
-    for i in range(runs):
-        times_ns[i] = _timed_ns(run)
+    done = 0
+    while done < runs and not _spent(done, int(times_ns[:done].sum()), budget_s, min_runs):
+        times_ns[done] = _timed_ns(run)
+        done += 1
         if on_step is not None:
             on_step()
-    return summarise(times_ns)
+    return summarise(times_ns[:done])
 
 
 def interleaved_times(
-    runs: Sequence[Callable[[], object]], warmup: int, rounds: int, rewarm: bool = True
+    runs: Sequence[Callable[[], object]],
+    warmup: int,
+    rounds: int,
+    rewarm: bool = True,
+    budget_s: float | None = None,
+    min_rounds: int = 3,
 ) -> np.ndarray:
     """Time several callables in turn, round after round; every timed call in ns, shape
     ``(len(runs), rounds)`` (column ``r`` of every row measured within round ``r``).
@@ -94,27 +122,39 @@ def interleaved_times(
     (a*, b*, a*, ...) every timed call pays for switching engines — waking the other
     session's thread pool, reloading its weights into the caches — which on a 2-core CPU
     added about 60 ms to a 90 ms engine, the same for both, biasing ratios towards 1.
+
+    With ``budget_s``, fewer rounds (at least ``min(min_rounds, rounds)``) once the timed calls
+    of all callables together reach ``budget_s`` seconds; the result then has fewer columns.
     """
     if warmup < 0 or rounds < 1:
         raise ValueError(f"need warmup >= 0 and rounds >= 1, got {warmup} and {rounds}")
+    _check_budget(budget_s, min_rounds)
     for _ in range(warmup):
         for run in runs:
             run()
     times_ns = np.empty((len(runs), rounds), dtype=np.int64)
-    for r in range(rounds):
+    done = 0
+    while done < rounds and not _spent(done, int(times_ns[:, :done].sum()), budget_s, min_rounds):
         for i, run in enumerate(runs):
             if rewarm:
                 run()
-            times_ns[i, r] = _timed_ns(run)
-    return times_ns
+            times_ns[i, done] = _timed_ns(run)
+        done += 1
+    return times_ns[:, :done]
 
 
 def measure_interleaved(
-    runs: Sequence[Callable[[], object]], warmup: int, rounds: int, rewarm: bool = True
+    runs: Sequence[Callable[[], object]],
+    warmup: int,
+    rounds: int,
+    rewarm: bool = True,
+    budget_s: float | None = None,
+    min_rounds: int = 3,
 ) -> list[LatencyStats]:
     """:func:`interleaved_times` summarised: one :class:`LatencyStats` per callable, for
     ratios measured side by side."""
-    return [summarise(t) for t in interleaved_times(runs, warmup, rounds, rewarm)]
+    times = interleaved_times(runs, warmup, rounds, rewarm, budget_s, min_rounds)
+    return [summarise(t) for t in times]
 
 
 def _timed_ns(run: Callable[[], object]) -> int:

@@ -12,11 +12,20 @@ For every LR/HR pair of a validation set:
 
 A set passes when every image's parity PSNR reaches the precision's floor and the set's mean
 PSNR drop stays within its budget (:class:`esr_deploy.recipe.Tolerances`).
+
+**Reference side computed once.** Searches validate many candidate engines against the same
+reference (the int8 sensitivity search, ``--target auto``), so the reference's part of every
+image — its output in RGB, that output as ``uint8`` and its PSNR-Y/SSIM-Y against HR — is
+kept per reference callable (weakly: it goes when the reference goes) and per image (set
+and image name, LR bytes, recipe range and colour order). The numbers are the ones a fresh
+computation gives: the same functions on the same arrays.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esr_deploy.data import ValidationSet, to_tensor, to_uint8
+from esr_deploy.data import ImagePair, ValidationSet, to_tensor, to_uint8
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import PARITY_PSNR_CAP, Recipe, Tolerances
 from esr_deploy.validate.quality import max_abs_error, psnr, psnr_y, ssim_y
@@ -137,6 +146,53 @@ def _parity(engine: np.ndarray, reference: np.ndarray, data_range: float) -> tup
     return (PSNR_CAP if math.isinf(value) else min(value, PSNR_CAP)), max_abs_error(e, r)
 
 
+@dataclass(frozen=True)
+class ReferenceImage:
+    """The reference's part of one validation image (see the module docstring)."""
+
+    output: np.ndarray  # float32 1×3×sH×sW, RGB, the recipe's range
+    image: np.ndarray  # ``output`` as uint8 H×W×3
+    psnr_y: float
+    ssim_y: float
+
+
+_ImageKey = tuple[str, str, bytes, float, str, int]
+#: reference callable → image key → its ReferenceImage
+_REFERENCE_CACHE: weakref.WeakKeyDictionary[Any, dict[_ImageKey, ReferenceImage]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _image_key(set_name: str, pair: ImagePair, recipe: Recipe) -> _ImageKey:
+    digest = hashlib.sha1(np.ascontiguousarray(pair.lr).tobytes())
+    digest.update(str(pair.lr.shape).encode())
+    digest.update(np.ascontiguousarray(pair.hr).tobytes())
+    digest.update(str(pair.hr.shape).encode())
+    ranges = (recipe.data_range, recipe.color_order, recipe.scale)
+    return (set_name, pair.name, digest.digest(), *ranges)
+
+
+def reference_image(
+    set_name: str, pair: ImagePair, x: torch.Tensor, reference: ReferenceRun, recipe: Recipe
+) -> ReferenceImage:
+    """The reference's output and metrics for ``pair`` (input ``x``), computed once per
+    reference callable; a callable that cannot be weakly referenced is not cached."""
+    try:
+        per_image = _REFERENCE_CACHE.setdefault(reference, {})
+    except TypeError:  # not weakly referenceable: compute every time
+        per_image = {}
+    key = _image_key(set_name, pair, recipe)
+    if key not in per_image:
+        with torch.no_grad():
+            out = model_output(reference(x), recipe)
+        img = to_uint8(out, recipe.data_range)
+        border = recipe.scale
+        per_image[key] = ReferenceImage(
+            out, img, psnr_y(img, pair.hr, border), ssim_y(img, pair.hr, border)
+        )
+    return per_image[key]
+
+
 def evaluate_set(
     vset: ValidationSet,
     reference: ReferenceRun,
@@ -158,23 +214,23 @@ def evaluate_set(
     with progress.task(f"validating on {vset.name}", len(vset.pairs)) as advance:
         for pair in vset.pairs:
             x = model_input(pair.lr, recipe)
-            with torch.no_grad():
-                ref = model_output(reference(x), recipe)
-                base = (
-                    ref if parity_reference is None else model_output(parity_reference(x), recipe)
-                )
+            ref = reference_image(vset.name, pair, x, reference, recipe)
+            if parity_reference is None:
+                base = ref.output
+            else:
+                with torch.no_grad():
+                    base = model_output(parity_reference(x), recipe)
             eng = model_output(engine(x.numpy()), recipe)
             p, err = _parity(eng, base, recipe.data_range)
-            ref_img = to_uint8(ref, recipe.data_range)
             eng_img = to_uint8(eng, recipe.data_range)
             results.append(
                 ImageResult(
                     name=pair.name,
                     parity_psnr=p,
                     parity_max_abs_error=err,
-                    reference_psnr_y=psnr_y(ref_img, pair.hr, border),
+                    reference_psnr_y=ref.psnr_y,
                     engine_psnr_y=psnr_y(eng_img, pair.hr, border),
-                    reference_ssim_y=ssim_y(ref_img, pair.hr, border),
+                    reference_ssim_y=ref.ssim_y,
                     engine_ssim_y=ssim_y(eng_img, pair.hr, border),
                 )
             )

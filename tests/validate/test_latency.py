@@ -64,3 +64,29 @@ def test_measure_interleaved_times_each_callable_in_turn() -> None:
     assert slow_stats.median_ms >= 4.0 > fast_stats.median_ms
     with pytest.raises(ValueError):
         measure_interleaved([fast], warmup=0, rounds=0)
+
+
+def test_time_budget_stops_slow_runs_early_and_keeps_fast_ones() -> None:
+    from esr_deploy.validate.latency import measure_interleaved
+
+    steps: list[int] = []
+    slow = measure_latency(
+        lambda: time.sleep(0.02), warmup=1, runs=50, on_step=lambda: steps.append(1),
+        budget_s=0.05, min_runs=2,
+    )  # fmt: skip
+    # each run sleeps >= 20 ms: the budget is spent after the 3rd run at the latest
+    assert 2 <= slow.runs <= 3 and len(steps) == 1 + slow.runs
+    assert slow.median_ms >= 20.0
+    fast = measure_latency(lambda: None, warmup=0, runs=20, budget_s=0.5, min_runs=2)
+    assert fast.runs == 20  # well inside the budget: every run asked for
+    few = measure_latency(lambda: time.sleep(0.01), warmup=0, runs=2, budget_s=0.0, min_runs=5)
+    assert few.runs == 2  # min_runs never exceeds runs
+    a, b = measure_interleaved(
+        [lambda: time.sleep(0.01), lambda: None], warmup=0, rounds=40, budget_s=0.03,
+        min_rounds=2,
+    )  # fmt: skip
+    assert a.runs == b.runs and 2 <= a.runs <= 3
+    with pytest.raises(ValueError, match="min_runs"):
+        measure_latency(lambda: None, warmup=0, runs=3, budget_s=1.0, min_runs=0)
+    with pytest.raises(ValueError, match="budget_s"):
+        measure_latency(lambda: None, warmup=0, runs=3, budget_s=-1.0)

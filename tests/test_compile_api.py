@@ -26,7 +26,9 @@ from esr_deploy.runtime.bundle_reader import open_bundle
 
 SCALE = 4
 FP32_PARITY_DB = 60.0
-FRONTEND_STAGES = {"load", "passes", "export"}
+FRONTEND_STAGES = {"load", "probe", "passes", "export"}
+#: the TorchScript exporter: the same checks as dynamo, a fraction of its time on a tiny model
+FAST = {"exporter": "torchscript", "latency_shapes": ()}
 BACKEND_STAGES = {"build", "validate"}
 
 
@@ -55,8 +57,7 @@ def assert_stages(seconds: dict[str, float], stages: set[str]) -> None:
 def test_compile_an_nn_module(tmp_path: Path) -> None:
     model = tiny_model().train()  # the caller's module and its mode are left alone
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = esr_deploy.compile(model, "ort-fp32", scale=SCALE, out=tmp_path / "b",
-                                latency_shapes=())  # fmt: skip
+    result = esr_deploy.compile(model, "ort-fp32", scale=SCALE, out=tmp_path / "b", **FAST)
     m = result.manifest
     assert result.bundle == (tmp_path / "b").resolve() and result.digest.startswith("sha256:")
     assert m["scale"] == SCALE and m["data_range"] == 1.0
@@ -86,7 +87,7 @@ def test_compile_an_onnx_file(tmp_path: Path) -> None:
     assert m["metrics"]["convs"] == sum(isinstance(x, nn.Conv2d) for x in model.modules())
     assert m["metrics"]["flops_256"] > 0 and m["metrics"]["activations_256"] > 0
     assert all(v["parity_min_psnr"] >= FP32_PARITY_DB for v in m["validation"].values())
-    assert_stages(m["compile_seconds"], {"load", "export", "build", "validate"})
+    assert_stages(m["compile_seconds"], {"load", "probe", "export", "build", "validate"})
     bundle = open_bundle(result.bundle, digest=result.digest)
     graph = onnx.load(str(bundle.file(m["reference_onnx"])))
     assert [i.name for i in graph.graph.input] == [m["inputs"][0]["name"]]
@@ -165,7 +166,7 @@ def test_auto_runs_the_frontend_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(frontend_module, name, counted)
     candidates = ("ort-fp32", "ov-fp32")
     result = esr_deploy.compile(tiny_model(), "auto", scale=SCALE, out=tmp_path / "auto",
-                                latency_shapes=(), auto_candidates=candidates)  # fmt: skip
+                                auto_candidates=candidates, passes=(), **FAST)  # fmt: skip
     assert calls == {"export_onnx": 1, "derive_input_range": 1}
     m = result.manifest
     ran = [c for c in m["auto"]["candidates"] if c.get("passed")]

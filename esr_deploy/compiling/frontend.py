@@ -222,8 +222,9 @@ def run_frontend(
     recipe = loaded.recipe
     with timer.stage("load"):
         sets = load_sets(options.val_dirs, recipe.scale)
-    with timer.stage("passes"):
+    with timer.stage("probe"):
         input_range = derive_input_range(loaded.model, recipe.scale)
+    with timer.stage("passes"):
         deployed = deploy_form(loaded, options, input_range, sets)
     with timer.stage("export"):
         export = export_onnx(

@@ -234,8 +234,9 @@ def onnx_frontend(
     recipe = loaded.recipe
     with timer.stage("load"):
         sets = load_sets(options.val_dirs, recipe.scale)
-    with timer.stage("export"):
+    with timer.stage("probe"):
         input_range = derive_input_range(loaded.model, recipe.scale)
+    with timer.stage("export"):
         path = workdir / FRONTEND_ONNX
         path.write_bytes(loaded.model.graph)
         model = onnx.load_from_string(loaded.model.graph)

@@ -1,8 +1,9 @@
 """Wall time of each compile stage, for the manifest's ``compile_seconds``.
 
-``compile_seconds`` maps a stage name (``load``, ``passes``, ``export``, ``precision``,
-``build``, ``validate``, ``latency``, ``report``, ...) to the seconds spent in it, plus
-``total``: the seconds from the start of the compile to the moment the manifest is written.
+``compile_seconds`` maps a stage name (``load``, ``probe`` (the input-size probe),
+``passes``, ``export``, ``metrics``, ``precision``, ``build``, ``validate``, ``latency``,
+``report``, and for ``--target auto`` ``candidates`` and ``timing``) to the seconds spent in
+it, plus ``total``: the seconds from the start of the compile to the moment the manifest is written.
 A stage entered twice adds up. Seconds are rounded to milliseconds.
 """
 

@@ -28,13 +28,14 @@ import numpy as np
 import pytest
 import torch
 
-# The CUDA re-tagging helper of the checkpoint tests (pytest imports test modules of this
-# rootdir-less folder by their basename, with tests/ on sys.path).
-from test_checkpoint import _retag_cuda
+# The CUDA re-tagging helper of the checkpoint tests (tests/ is on sys.path under pytest;
+# tests/loading/ is a namespace package, so this works when this module runs alone too).
+from loading.test_checkpoint import _retag_cuda
 
 from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, REPORT, sha256_file
-from esr_deploy.compiler import CompileOptions, CompileResult, ModelSource, compile_model
+from esr_deploy.compiling import CompileOptions, CompileResult, compile_model
 from esr_deploy.data import imresize, load_validation_set, mod_crop, read_image, to_tensor, to_uint8
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.paths import default_val_dir, example_checkpoint
 from esr_deploy.runtime.bundle_reader import DIGEST_FILE, manifest_digest, open_bundle
 from esr_deploy.targets import require_available

@@ -23,16 +23,11 @@ import pytest
 from onnx import numpy_helper
 from test_cli import OUT, assert_refused, esr_deploy, one_error
 
-from esr_deploy.compiler import (
-    PRECISION_ONNX,
-    CompileOptions,
-    CompileResult,
-    ModelSource,
-    compile_model,
-    load_model,
-    load_sets,
-)
+from esr_deploy.compiling import CompileOptions, CompileResult, compile_model
+from esr_deploy.compiling.backend import PRECISION_ONNX
+from esr_deploy.compiling.frontend import load_sets
 from esr_deploy.export import derive_input_range, export_onnx
+from esr_deploy.loading.detect import ModelSource, load_model
 from esr_deploy.paths import recipes_dir
 from esr_deploy.precision.apply import PrecisionOptions
 from esr_deploy.precision.base import fp16_range

@@ -13,8 +13,9 @@ import onnx
 import pytest
 import torch
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling import CompileOptions, compile_model
 from esr_deploy.export import graph_stats
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.recipe import find_recipe
 from esr_deploy.zoo.training import calibration_image, deploy_spec, randomize
 

@@ -57,6 +57,7 @@ from esr_deploy.export_check import (
     export_check_inputs,
     first_differing_value,
 )
+from esr_deploy.threads import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,11 @@ def derive_input_range(model: nn.Module, scale: int, sweep: bool = True) -> Inpu
     first that runs: ``m`` is then the smallest working square, and sizes above it that fail
     go unlisted (a compile sweeps them all and exports only what it verified).
     """
+    with single_thread():  # see esr_deploy.threads
+        return _probe_input_range(model, scale, sweep)
+
+
+def _probe_input_range(model: nn.Module, scale: int, sweep: bool) -> InputRange:
     ok = []
     for n in range(1, PROBE_LIMIT):
         ok.append(_runs(model, n, n, scale))

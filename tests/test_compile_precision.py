@@ -287,6 +287,21 @@ def test_auto_keeps_the_fastest_target_that_passes_and_says_why(tmp_path: Path) 
         assert lat["median"] == pytest.approx(by_target[target]["median_ms"], abs=1e-3)
         assert 0 < lat["p10"] <= lat["median"] <= lat["p90"] and lat["runs"] == 7
     assert result.manifest["latency_ms"]["1x3x64x64"]["median"] > 0
+    # the peers a user would run instead, timed in the same interleaving
+    from esr_deploy.compiling.auto import AUTO_PEERS
+    from esr_deploy.cpu import bf16_unavailable_reason
+
+    peers = {p["peer"]: p for p in auto["peers"]}
+    assert tuple(peers) == AUTO_PEERS
+    assert ("skipped" in peers["eager-bf16"]) == (bf16_unavailable_reason() is not None)
+    ran = {n: p["latency_ms"]["1x3x64x64"] for n, p in peers.items() if "latency_ms" in p}
+    assert {"eager-fp32", "ort-plain-fp32", "ov-plain-fp32"} <= set(ran)
+    assert all(t["runs"] == 7 and t["median"] > 0 for t in ran.values())
+    best = min(ran, key=lambda n: ran[n]["median"])
+    vs = auto["vs_best_peer"]
+    assert vs["peer"] == best
+    assert vs["ratio"] == pytest.approx(ran[best]["median"] / passed[auto["chosen"]], rel=1e-2)
+    assert "fastest peer" in auto["reason"]
     bundle = open_bundle(result.bundle)  # checksums of the republished bundle hold
     assert bundle.manifest["auto"] == auto
     assert not list(tmp_path.glob("esr-deploy-auto-*"))

@@ -90,7 +90,14 @@ LatencyShape = Annotated[
         help="LR shape to time (repeatable; default: 256x256 and 720x1280).",
     ),
 ]
-LatencyRuns = Annotated[int, typer.Option(metavar="N", help="Timed runs per shape.")]
+LatencyRuns = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="Timed runs per shape, at most: none is started after 3 s of timed runs once 3 "
+        "ran (esr-deploy bench times without that budget).",
+    ),
+]
 LargeRuns = Annotated[
     int,
     typer.Option(metavar="N", help="Timed runs at shapes above 512x512 LR (after one warm-up)."),
@@ -171,6 +178,15 @@ AutoCandidates = Annotated[
         f"{_AUTO_CANDIDATES}; those available here).",
     ),
 ]
+AutoPeers = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PEER,...",
+        help="--target auto: what a user would run instead, timed beside the candidates and "
+        "recorded in the manifest, comma-separated, or 'none' (default: eager-fp32,eager-bf16,"
+        "ort-plain-fp32,ov-plain-fp32; also torch-compile-fp32).",
+    ),
+]
 Exporter = Annotated[
     str,
     typer.Option(
@@ -205,6 +221,24 @@ class CompileFlags:
     max_drop: float | None
     auto_candidates: str | None
     exporter: str
+    auto_peers: str | None = None
+
+
+def _peers(text: str | None) -> tuple[str, ...] | None:
+    """``--auto-peers``: None = the default peers, 'none' = (), else known peer names."""
+    if text is not None and text.strip() == "none":
+        return ()
+    names = _comma_list(text, "--auto-peers", "peer")
+    if names is not None:
+        from esr_deploy.validate.peers import PEERS
+
+        unknown = [n for n in names if n not in PEERS]
+        if unknown:
+            raise EsrDeployError(
+                f"--auto-peers: unknown peer(s) {', '.join(unknown)} — the peers are "
+                f"{', '.join(PEERS)}, or 'none'."
+            )
+    return names
 
 
 def _comma_list(text: str | None, option: str, what: str) -> tuple[str, ...] | None:
@@ -256,6 +290,7 @@ def compile_options(source: Any, flags: CompileFlags, precision: Any) -> Compile
         precision=precision,
         max_psnr_drop=flags.max_drop,
         auto_candidates=_comma_list(flags.auto_candidates, "--auto-candidates", "target"),
+        auto_peers=_peers(flags.auto_peers),
         **_latency_shapes(flags),
     )
 
@@ -361,6 +396,7 @@ def compile_cmd(
     no_search: NoSearch = False,
     max_drop: MaxDrop = None,
     auto_candidates: AutoCandidates = None,
+    auto_peers: AutoPeers = None,
     exporter: Exporter = "auto",
     json_output: JsonFlag = False,
     profile: Profile = False,
@@ -376,6 +412,7 @@ def compile_cmd(
     flags = CompileFlags(
         target, val, out_dir, latency_shape, latency_runs, large_runs, no_latency, passes,
         prune_ratio, prune_to, accept_border_drift, max_drop, auto_candidates, exporter,
+        auto_peers,
     )  # fmt: skip
 
     def body() -> None:

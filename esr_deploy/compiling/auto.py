@@ -12,11 +12,15 @@ that misses its parity floor or the budget is out, with its failure recorded.
 The engines that passed are timed *interleaved* (candidate 1, 2, ..., 1, 2, ...; each timed
 call right after an untimed one of the same engine, so that each is timed in its steady
 state) at the first latency shape (the NTIRE 256×256 by default), so that machine noise hits
-all of them alike, and the one with the lowest median wins. Its bundle is published with the
-usual latency measurements and an ``auto`` section in the manifest: the CPU (model and ISA
-flags) they were timed on, every candidate, whether it passed (or why not, or why it could
-not run here), its latency (median, p10, p90), PSNR drop and compile seconds, the budget,
-and the sentence that says why the winner was chosen.
+all of them alike, and the one with the lowest median wins. In the same interleaving run the
+peers a user would otherwise run (:data:`AUTO_PEERS`, :mod:`esr_deploy.validate.peers`: eager
+PyTorch, and ONNX Runtime / OpenVINO on a plain export of the trained model), so the bundle
+says how much faster it is than each on the CPU it was built on (``auto.peers``,
+``auto.vs_best_peer`` = best peer's median / chosen engine's median). Its bundle is
+published with the usual latency measurements and an ``auto`` section in the manifest: the
+CPU (model and ISA flags) they were timed on, every candidate, whether it passed (or why
+not, or why it could not run here), its latency (median, p10, p90), PSNR drop and compile
+seconds, the budget, and the sentence that says why the winner was chosen.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from esr_deploy.bundle import StagedBundle, check_writable
 from esr_deploy.compiling.backend import TargetBuild, build_target
@@ -44,6 +49,7 @@ from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.figures import targets_figure
 from esr_deploy.validate.latency import LatencyStats, measure_interleaved
+from esr_deploy.validate.peers import measure_peers, shape_key
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,9 @@ AUTO = "auto"
 #: ``--auto-candidates`` can name them.
 AUTO_CANDIDATES = ("ov-int8", "ort-int8", "ov-bf16", "ov-fp32", "ort-fp32")
 AUTO_RUNS = 7
+#: Peers timed beside the candidates (``torch.compile`` is left out: it compiles for minutes
+#: on 2 cores; ``bench/cpu.py`` times it).
+AUTO_PEERS = ("eager-fp32", "eager-bf16", "ort-plain-fp32", "ov-plain-fp32")
 #: PSNR-Y drop budget (dB) every candidate must meet, unless --max-drop says otherwise.
 AUTO_MAX_PSNR_DROP = 0.02
 
@@ -104,17 +113,42 @@ def build_candidates(
 
 
 def time_candidates(
-    passed: dict[str, TargetBuild], shape: HW, data_range: float, progress: Progress
-) -> list[LatencyStats]:
-    """Every engine that passed, timed interleaved at ``shape`` (see the module docstring)."""
-    x = np.random.default_rng(0).random((1, 3, *shape), dtype=np.float32)
-    x = (x * data_range).astype(np.float32)
-    with progress.task(f"auto: timing {len(passed)} engines", 1) as advance:
-        stats = measure_interleaved(
-            [partial(b.session.run, x) for b in passed.values()], warmup=2, rounds=AUTO_RUNS
-        )
-        advance()
-    return stats
+    passed: dict[str, TargetBuild],
+    shape: HW,
+    frontend: Frontend,
+    peers: tuple[str, ...],
+    progress: Progress,
+) -> tuple[list[LatencyStats], list[dict[str, Any]]]:
+    """Every engine that passed, and the ``peers``, timed interleaved at ``shape`` (see the
+    module docstring). Peers need the trained ``nn.Module``: none for an ONNX source."""
+    data_range = frontend.recipe.data_range
+    model = frontend.loaded.model
+    if not peers or not isinstance(model, torch.nn.Module):
+        x = np.random.default_rng(0).random((1, 3, *shape), dtype=np.float32)
+        x = (x * data_range).astype(np.float32)
+        with progress.task(f"auto: timing {len(passed)} engines", 1) as advance:
+            runs = [partial(b.session.run, x) for b in passed.values()]
+            stats = measure_interleaved(runs, warmup=2, rounds=AUTO_RUNS)
+            advance()
+        return stats, []
+    with progress.task(f"auto: timing {len(passed)} engines and {len(peers)} peers", 1) as done:
+        engines = {name: b.session.run for name, b in passed.items()}
+        rows = measure_peers(model, data_range, [shape], AUTO_RUNS, peers=peers, engines=engines)
+        done()
+    key = shape_key(shape)
+    stats = [LatencyStats.from_dict(r["latency_ms"][key]) for r in rows if "engine" in r]
+    return stats, [r for r in rows if "peer" in r]
+
+
+def vs_best_peer(peer_rows: list[dict[str, Any]], shape: HW, chosen_ms: float) -> dict[str, Any]:
+    """The fastest peer that ran, and how many times faster the chosen engine is than it."""
+    key = shape_key(shape)
+    ran = [(r["latency_ms"][key]["median"], r["peer"]) for r in peer_rows
+           if key in r.get("latency_ms", {})]  # fmt: skip
+    if not ran:
+        return {}
+    ms, name = min(ran)
+    return {"peer": name, "median_ms": round(ms, 3), "ratio": round(ms / chosen_ms, 3)}
 
 
 def auto_section(
@@ -123,34 +157,41 @@ def auto_section(
     report: list[dict[str, Any]],
     shape: HW,
     budget: float,
+    peers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The manifest's ``auto`` section: the winner, why, and every candidate."""
     names = list(passed)
     medians = {n: s.median_ms for n, s in zip(names, stats, strict=True)}
-    shape_key = f"1x3x{shape[0]}x{shape[1]}"
+    key = shape_key(shape)
     for name, stat in zip(names, stats, strict=True):
         build = passed[name]
         report.append({"target": name, "available": True, "passed": True,
                        "median_ms": round(medians[name], 3),
                        "psnr_drop": max(round(r.psnr_drop, 4) for r in build.results),
-                       "latency_ms": {shape_key: stat.to_dict()},
+                       "latency_ms": {key: stat.to_dict()},
                        "backend": build.backend.name,
                        "backend_version": build.engine["backend_version"],
                        "compile_seconds": build.seconds,
                        })  # fmt: skip
     ranked = sorted(names, key=lambda n: medians[n])
     reason = (
-        f"fastest at {shape_key} of the targets that passed validation: "
+        f"fastest at {key} of the targets that passed validation: "
         + ", ".join(f"{n} {medians[n]:.1f} ms" for n in ranked)
         + f" (medians of {AUTO_RUNS} interleaved runs)"
     )
+    best = vs_best_peer(peers or [], shape, medians[ranked[0]])
+    if best:
+        reason += (f"; {best['ratio']:.2f}× the fastest peer here ({best['peer']}, "
+                   f"{best['median_ms']:.1f} ms)")  # fmt: skip
     return {
         "chosen": ranked[0],
         "reason": reason,
+        "peers": peers or [],
+        "vs_best_peer": best,
         "max_psnr_drop": budget,
         # every candidate was timed here, interleaved: on this CPU (model and ISA flags)
         "device": passed[names[0]].engine["device"],
-        "timing": {"shape": shape_key, "rounds": AUTO_RUNS, "warmup": 2, "rewarm": True},
+        "timing": {"shape": key, "rounds": AUTO_RUNS, "warmup": 2, "rewarm": True},
         "candidates": report,
     }
 
@@ -203,8 +244,9 @@ def compile_auto(
                 details={"auto": {"candidates": report}},
             )
         with timer.stage("timing"):
-            stats = time_candidates(passed, shape, loaded.recipe.data_range, progress)
-        section = auto_section(passed, stats, report, shape, budget)
+            peers = AUTO_PEERS if options.auto_peers is None else options.auto_peers
+            stats, peer_rows = time_candidates(passed, shape, frontend, peers, progress)
+        section = auto_section(passed, stats, report, shape, budget, peer_rows)
         chosen = passed[section["chosen"]]
         with StagedBundle(destination) as staged:
             for item in chosen.folder.iterdir():

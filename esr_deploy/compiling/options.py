@@ -21,6 +21,10 @@ DEFAULT_LATENCY_RUNS = 10
 #: warm-up apply in full to the smaller shapes. More runs at large shapes: --large-runs.
 LARGE_SHAPE_PIXELS = 512 * 512
 LARGE_SHAPE_RUNS = 2
+#: Seconds of timed runs per shape after which no more are started (at least 3 runs, 1 at
+#: large shapes): the runs asked for are an upper bound, so a slow engine does not make a
+#: compile wait minutes for its latency figures (``esr-deploy bench`` times without it).
+LATENCY_BUDGET_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class CompileOptions:
     prune_to: int | None = None  # lossy prune-channels: channels kept per group
     precision: PrecisionOptions = field(default_factory=PrecisionOptions)  # fp16/int8 targets
     auto_candidates: tuple[str, ...] | None = None  # --target auto: None = AUTO_CANDIDATES
+    #: --target auto: the peers (esr_deploy.validate.peers) timed beside the candidates;
+    #: None = AUTO_PEERS, () = none (--no-peers)
+    auto_peers: tuple[str, ...] | None = None
     #: tighter PSNR-Y drop budget than the recipe's for this precision (dB); --target auto
     #: holds every candidate to AUTO_MAX_PSNR_DROP unless given
     max_psnr_drop: float | None = None

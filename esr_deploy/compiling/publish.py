@@ -24,7 +24,13 @@ from esr_deploy.bundle import REPORT, StagedBundle
 from esr_deploy.compiling.backend import TargetBuild, engine_profile
 from esr_deploy.compiling.frontend import Frontend
 from esr_deploy.compiling.manifest_build import build_manifest
-from esr_deploy.compiling.options import HW, LARGE_SHAPE_PIXELS, LARGE_SHAPE_RUNS, CompileOptions
+from esr_deploy.compiling.options import (
+    HW,
+    LARGE_SHAPE_PIXELS,
+    LARGE_SHAPE_RUNS,
+    LATENCY_BUDGET_S,
+    CompileOptions,
+)
 from esr_deploy.compiling.stages import StageTimer
 from esr_deploy.errors import ValidationError
 from esr_deploy.export import ExportResult, InputRange, export_onnx
@@ -62,7 +68,14 @@ def measure_engine_latency(
         warm = min(warmup, 1) if large else warmup
         x = (gen.random((1, 3, h, w), dtype=np.float32) * data_range).astype(np.float32)
         with progress.task(f"latency 1x3x{h}x{w}", warm + n) as advance:
-            stats = measure_latency(partial(session.run, x), warmup=warm, runs=n, on_step=advance)
+            stats = measure_latency(
+                partial(session.run, x),
+                warmup=warm,
+                runs=n,
+                on_step=advance,
+                budget_s=LATENCY_BUDGET_S,
+                min_runs=1 if large else 3,
+            )
         results[f"1x3x{h}x{w}"] = stats.to_dict()
     return results
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ from torch import fx, nn
 from esr_deploy.passes.affine_ops import CONST, Analysis, call_arg
 from esr_deploy.passes.base import copy_model
 from esr_deploy.passes.linear_region import Region
+from esr_deploy.threads import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +129,6 @@ def compute_fold(gm: fx.GraphModule, analysis: Analysis, region: Region) -> Fold
         return None
     with single_thread():
         return _compute_fold(gm, analysis, region, in_shape[1], out_shape[1])
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Tiny probe convolutions run ~1000× faster on one thread than on a thread pool that
-    wakes up for each of them (seen on 2-core VMs); restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _compute_fold(

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,12 @@ class LatencyStats:
     p90_ms: float
     mean_ms: float
     runs: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyStats:
+        """The inverse of :meth:`to_dict`."""
+        return cls(median_ms=float(d["median"]), p10_ms=float(d["p10"]), p90_ms=float(d["p90"]),
+                   mean_ms=float(d["mean"]), runs=int(d["runs"]))  # fmt: skip
 
     def to_dict(self) -> dict[str, float | int]:
         """The manifest's form: ``{"median", "p10", "p90", "mean", "runs"}`` (ms)."""

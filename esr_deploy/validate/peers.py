@@ -37,7 +37,7 @@ import copy
 import io
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from esr_deploy.cpu import bf16_unavailable_reason, default_threads
+from esr_deploy.threads import torch_threads
 from esr_deploy.validate.latency import measure_interleaved
 
 __all__ = ["PEERS", "Runner", "measure_peers", "peer_runners", "shape_key"]
@@ -69,17 +70,6 @@ PEERS: Mapping[str, str] = {
 def shape_key(hw: Sequence[int]) -> str:
     """The manifest's latency key of a 1×3×H×W input, e.g. ``1x3x256x256``."""
     return f"1x3x{int(hw[0])}x{int(hw[1])}"
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the duration, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _eager(model: nn.Module) -> Runner:

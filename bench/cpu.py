@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from esr_deploy.auto import AUTO_CANDIDATES, AUTO_MAX_PSNR_DROP
 from esr_deploy.compiling import CompileOptions, compile_model
+from esr_deploy.compiling.auto import AUTO_CANDIDATES, AUTO_MAX_PSNR_DROP
 from esr_deploy.cpu import cpu_info, default_threads
 from esr_deploy.loading.checkpoint import load_checkpoint
 from esr_deploy.loading.detect import ModelSource

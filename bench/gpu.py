@@ -34,7 +34,9 @@ import torch
 from cpu import CHECKPOINTS, SHARED, load_models
 
 from esr_deploy.backends.aoti import AOTInductor
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.runtime.bundle_reader import open_bundle
 
 SHAPES = ((256, 256), (720, 1280))

@@ -25,7 +25,9 @@ import numpy as np
 from esr_deploy import cpu
 from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU
 from esr_deploy.bundle import REFERENCE_ONNX
-from esr_deploy.compiler import CompileOptions, CompileResult, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions, CompileResult
+from esr_deploy.compiling.pipeline import compile_model
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.precision.apply import PrecisionOptions
 from esr_deploy.targets import require_available
 from esr_deploy.validate.latency import measure_interleaved

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.loading.keys import load_weights
 from esr_deploy.recipe import find_recipe
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.recipe import find_recipe
 from esr_deploy.zoo.training import calibration_image, deploy_spec, randomize
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from esr_deploy.compiler import load_sets, run_passes, scratch_engine
+from esr_deploy.compiling.frontend import load_sets, run_passes
+from esr_deploy.compiling.publish import scratch_engine
 from esr_deploy.export import derive_input_range
 from esr_deploy.loading.checkpoint import load_checkpoint
 from esr_deploy.loading.keys import load_weights

@@ -43,7 +43,9 @@ def _batch(data_range: float) -> np.ndarray:
 def _bundle(path: str | None, workdir: Path) -> Path:
     if path:
         return Path(path)
-    from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+    from esr_deploy.compiling.options import CompileOptions
+    from esr_deploy.compiling.pipeline import compile_model
+    from esr_deploy.loading.detect import ModelSource
     from esr_deploy.paths import example_checkpoint
 
     result = compile_model(

@@ -84,7 +84,9 @@ def mosaic(sr_dir: Path) -> np.ndarray:
 
 
 def compile_bundle(folder: Path) -> Path:
-    from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+    from esr_deploy.compiling.options import CompileOptions
+    from esr_deploy.compiling.pipeline import compile_model
+    from esr_deploy.loading.detect import ModelSource
     from esr_deploy.paths import example_checkpoint
 
     result = compile_model(

@@ -15,7 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
+from esr_deploy.loading.detect import ModelSource
 
 REPO = Path(__file__).resolve().parent.parent
 #: shared/weights/README.md, "Reference PSNR (dB), x4, PyTorch fp32": Set5 Y, Set14 Y.

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from esr_deploy.runtime.bundle_reader import open_bundle
 
 if TYPE_CHECKING:
-    from esr_deploy.compiler import ModelSource
+    from esr_deploy.loading.detect import ModelSource
 
 
 def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
@@ -22,8 +22,9 @@ def inspect_checkpoint(source: ModelSource) -> dict[str, Any]:
     on validation images (``compile`` verifies on a real LR crop too).
     """
     # the compile side (torch), imported only here: inspecting a bundle runs without it
-    from esr_deploy.compiler import load_model, metrics_256, run_passes
+    from esr_deploy.compiling.frontend import metrics_256, run_passes
     from esr_deploy.export import derive_input_range
+    from esr_deploy.loading.detect import load_model
 
     loaded = load_model(source)
     rng = derive_input_range(loaded.model, loaded.recipe.scale, sweep=False)  # one thread

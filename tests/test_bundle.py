@@ -149,7 +149,8 @@ def test_a_compile_killed_with_sigkill_leaves_no_staging_after_the_next(tmp_path
     --out removes it (its owner is gone) and commits its own bundle."""
     from user_models import TINY_ARCH, tiny_args, tiny_source
 
-    from esr_deploy.compiler import CompileOptions, compile_model
+    from esr_deploy.compiling.options import CompileOptions
+    from esr_deploy.compiling.pipeline import compile_model
 
     source = tiny_source(tmp_path, 2)
     out = tmp_path / "out" / "bundle"

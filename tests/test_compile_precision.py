@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_helpers import OUT, assert_refused, esr_deploy, one_error
 from onnx import numpy_helper
-from test_cli import OUT, assert_refused, esr_deploy, one_error
 
 from esr_deploy.compiling import CompileOptions, CompileResult, compile_model
 from esr_deploy.compiling.backend import PRECISION_ONNX

@@ -131,7 +131,9 @@ def test_noise_unstable_model_compiles_end_to_end(
 ) -> None:
     """Class 3 through the whole compile: the pass verification (also run on noise) and the
     export check accept it; parity on the Set5 crops is far above the floor."""
-    from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+    from esr_deploy.compiling.options import CompileOptions
+    from esr_deploy.compiling.pipeline import compile_model
+    from esr_deploy.loading.detect import ModelSource
 
     torch.manual_seed(0)
     ckpt = tmp_path / "noise.pth"

@@ -140,7 +140,9 @@ def load_matrix(path: Path) -> list[Cell]:
 
 def compile_cell(cell: Cell) -> dict[str, Any]:
     """Compile one cell here; its record (``status`` ok or failed), never raising."""
-    from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+    from esr_deploy.compiling.options import CompileOptions
+    from esr_deploy.compiling.pipeline import compile_model
+    from esr_deploy.loading.detect import ModelSource
 
     start = time.perf_counter()
     record = _record(cell)

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from esr_deploy.compiler import ModelSource, load_model, load_sets
+from esr_deploy.compiling.frontend import load_sets
 from esr_deploy.errors import BundleError
 from esr_deploy.export import INPUT_NAME, OUTPUT_NAME
+from esr_deploy.loading.detect import ModelSource, load_model
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.recipe import DEFAULT_TOLERANCES, Recipe, Tolerances, parse_recipe
 from esr_deploy.runtime.bundle_reader import open_bundle

@@ -36,15 +36,12 @@ from esr_deploy.backends.aoti import (
     export_program,
     native_bf16,
 )
-from esr_deploy.compiler import (
-    CompileOptions,
-    CompileResult,
-    ModelSource,
-    compile_model,
-)
+from esr_deploy.compiling.options import CompileOptions, CompileResult
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.cpu import cpu_info
 from esr_deploy.errors import BundleError, DataError, TargetUnavailable
 from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.loading.keys import load_weights
 from esr_deploy.precision.calibration import CalibrationSet
 from esr_deploy.precision.torch_graph import apply_precision, measure_ranges, plan_precision

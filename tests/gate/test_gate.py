@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 # The CLI helpers of the command-line tests (tests/ is on sys.path, see test_compile.py).
-from test_cli import Run, assert_refused, esr_deploy, one_error
+from cli_helpers import Run, assert_refused, esr_deploy, one_error
+from onnx import helper, numpy_helper
 
 from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, StagedBundle
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.errors import EXIT_BAD_INPUT, EXIT_VALIDATION_FAILED, EsrDeployError
 from esr_deploy.gate.options import parse_max_regression
 from esr_deploy.gate.report import BenchReport, EngineTiming, LatencyRegression
 from esr_deploy.gate.statistics import baseline_interval, ratio_interval
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.paths import example_checkpoint
 from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.targets import require_available

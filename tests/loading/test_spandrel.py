@@ -23,13 +23,10 @@ import pytest
 import torch
 from torch import nn
 
-from esr_deploy.compiler import (
-    CompileOptions,
-    ModelSource,
-    compile_model,
-    load_model,
-)
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.errors import NoRecipeMatch, RecipeError
+from esr_deploy.loading.detect import ModelSource, load_model
 from esr_deploy.loading.spandrel import (
     NEEDS_TORCHVISION,
     build_spandrel,

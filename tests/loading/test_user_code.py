@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import Run, one_error
+from cli_helpers import Run, one_error
 from user_models.misbehaving import PlainSR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,7 +181,10 @@ def test_module_that_is_not_found_says_where_to_run(checkpoint: Path, tmp_path: 
 def test_torch_pruning_is_imported_only_by_its_pass(checkpoint: Path, tmp_path: Path) -> None:
     """A broken torch_pruning (shadowed here by one that raises on import) breaks only the
     compiles that prune, with a clear message."""
-    code = "import sys, esr_deploy.compiler, esr_deploy.cli; print('torch_pruning' in sys.modules)"
+    code = (
+        "import sys, esr_deploy.compiling.pipeline, esr_deploy.cli; "
+        "print('torch_pruning' in sys.modules)"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )

@@ -5,7 +5,7 @@ Every pass gets the three kinds of tests of design.md ("Style"): its output equa
 form), and graphs where it must do nothing are left untouched. The models are written here,
 with their own class names and branch layouts, so the passes cannot recognise them by name.
 The pass manager's verification (a wrong pass, a crashing pass, the recorded counts) and one
-end-to-end compile through :func:`esr_deploy.compiler.compile_model` close the file.
+end-to-end compile through :func:`esr_deploy.compiling.compile_model` close the file.
 Random property tests on generated regions are in ``test_pass_properties.py`` beside it.
 """
 
@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model, run_passes
+from esr_deploy.compiling.frontend import run_passes
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.errors import PassError
 from esr_deploy.export import derive_input_range
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.passes import (
     DEFAULT_PASSES,
     PASSES,

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.loading.checkpoint import load_checkpoint
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.loading.keys import load_weights
 from esr_deploy.passes.base import PassContext
 from esr_deploy.passes.prune_channels import PruneChannels

@@ -18,7 +18,9 @@ from user_models.weight_norm_sr import (
     ParametrizedWeightNormSR,
 )
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.passes.base import copy_model
 from esr_deploy.passes.weight_norm import fold_weight_normalisation
 

@@ -7,7 +7,8 @@ import pytest
 from tiny_bundle import SCALE
 from user_models import tiny_source
 
-from esr_deploy.compiler import CompileOptions, CompileResult, compile_model
+from esr_deploy.compiling.options import CompileOptions, CompileResult
+from esr_deploy.compiling.pipeline import compile_model
 
 
 @pytest.fixture(scope="session")

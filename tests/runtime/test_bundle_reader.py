@@ -35,7 +35,7 @@ from user_models import TINY_ARCH, tiny_args
 import esr_deploy
 from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX
 from esr_deploy.cli import app
-from esr_deploy.compiler import CompileResult
+from esr_deploy.compiling.options import CompileResult
 from esr_deploy.errors import BundleError
 from esr_deploy.runtime.bundle_reader import (
     DIGEST_FILE,

@@ -11,7 +11,7 @@ import pytest
 from manifest_samples import sample_manifest
 from tiny_bundle import SCALE
 
-from esr_deploy.compiler import CompileResult
+from esr_deploy.compiling.options import CompileResult
 from esr_deploy.errors import BundleError
 from esr_deploy.runtime.bundle_reader import (
     DIGEST_FILE,

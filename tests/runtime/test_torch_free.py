@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tiny_bundle import SCALE
 
-from esr_deploy.compiler import CompileResult
+from esr_deploy.compiling.options import CompileResult
 
 REPO = Path(__file__).resolve().parents[2]
 

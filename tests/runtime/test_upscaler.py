@@ -25,9 +25,11 @@ import esr_deploy
 from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU
 from esr_deploy.bundle import MANIFEST, REFERENCE_ONNX, SCHEMA_VERSION, sha256_file
 from esr_deploy.cli import app
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.data import imresize, read_image, read_source_image, write_image
 from esr_deploy.errors import DataError, TilingError
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.paths import example_checkpoint
 from esr_deploy.runtime.upscaler import Upscaler, bytes_per_lr_pixel, load
 from esr_deploy.validate.quality import psnr

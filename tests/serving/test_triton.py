@@ -34,9 +34,11 @@ from typer.testing import CliRunner
 
 import esr_deploy
 from esr_deploy.cli import app
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.data import read_image
 from esr_deploy.errors import BundleError, EsrDeployError, ExportError
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.paths import example_checkpoint
 from esr_deploy.runtime.bundle_reader import Bundle
 from esr_deploy.runtime.manifest import Manifest

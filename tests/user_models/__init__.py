@@ -20,7 +20,7 @@ def tiny_source(folder: Path, scale: int):  # type: ignore[no-untyped-def]
     """Write ``folder/tiny.pth`` (seeded random weights) and return its ModelSource."""
     import torch
 
-    from esr_deploy.compiler import ModelSource
+    from esr_deploy.loading.detect import ModelSource
     from user_models.tiny_sr import TinyGatedSR
 
     torch.manual_seed(0)

@@ -12,10 +12,10 @@ import torch
 
 from esr_deploy.backends.base import EngineSession
 from esr_deploy.backends.onnxruntime import OnnxRuntimeCPU
-from esr_deploy.compiler import ModelSource, load_model
 from esr_deploy.data import load_validation_set
 from esr_deploy.errors import ValidationError
 from esr_deploy.export import export_onnx
+from esr_deploy.loading.detect import ModelSource, load_model
 from esr_deploy.paths import default_val_dir, example_checkpoint
 from esr_deploy.validate.batch import CHECK_BATCH, check_batch, measure_throughput
 

@@ -27,7 +27,8 @@ from PIL import Image
 from user_models import tiny_source
 
 from esr_deploy.bundle import MANIFEST, REPORT
-from esr_deploy.compiler import CompileOptions, CompileResult, compile_model
+from esr_deploy.compiling.options import CompileOptions, CompileResult
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.data import ImagePair, imresize, load_validation_set
 from esr_deploy.paths import default_val_dir
 from esr_deploy.recipe import Recipe

@@ -17,9 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from esr_deploy.compiler import CompileOptions, ModelSource, compile_model
+from esr_deploy.compiling.options import CompileOptions
+from esr_deploy.compiling.pipeline import compile_model
 from esr_deploy.data import load_validation_set, to_tensor
 from esr_deploy.errors import RecipeError
+from esr_deploy.loading.detect import ModelSource
 from esr_deploy.paths import default_val_dir
 from esr_deploy.recipe import find_recipe
 from esr_deploy.zoo.drn import DRN, RCAB, ChannelAttention, DownBlock, MeanShift

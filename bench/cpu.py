@@ -23,7 +23,7 @@ so machine noise hits all alike: on a shared machine read the ratios, not the ab
 milliseconds (the header gives the load average). Results: ``bench/out/cpu.json`` and
 ``bench/out/cpu.md``.
 
-    python bench/cpu.py                       # everything (make bench-cpu)
+    python bench/cpu.py                       # everything (make cpu-bench)
     python bench/cpu.py --models rlfn_x4 --shapes 256x256 --targets ov-fp32 ov-bf16 \\
         --peers eager-fp32 ov-plain-fp32 --runs 3          # a quick look (a few minutes)
     python bench/cpu.py ... --bundles /tmp/b   # keep (and next time reuse) the bundles

@@ -151,6 +151,9 @@ def test_api_refuses_what_it_cannot_compile(tmp_path: Path) -> None:
         esr_deploy.compile(tiny_model(), scale=SCALE, latency_shape=(), out=tmp_path / "b")
     with pytest.raises(EsrDeployError, match="give a checkpoint path"):
         esr_deploy.compile(42, out=tmp_path / "c")  # type: ignore[arg-type]
+    with pytest.raises(EsrDeployError, match="unknown peer.*eager-fp64"):  # before any build
+        esr_deploy.compile(tiny_model(), "auto", scale=SCALE, auto_peers=("eager-fp64",),
+                           out=tmp_path / "d")  # fmt: skip
     assert not list(tmp_path.iterdir())
 
 

@@ -230,14 +230,9 @@ def _peers(text: str | None) -> tuple[str, ...] | None:
         return ()
     names = _comma_list(text, "--auto-peers", "peer")
     if names is not None:
-        from esr_deploy.validate.peers import PEERS
+        from esr_deploy.compiling.options import check_peers
 
-        unknown = [n for n in names if n not in PEERS]
-        if unknown:
-            raise EsrDeployError(
-                f"--auto-peers: unknown peer(s) {', '.join(unknown)} — the peers are "
-                f"{', '.join(PEERS)}, or 'none'."
-            )
+        check_peers(names)
     return names
 
 

@@ -66,6 +66,19 @@ class CompileResult:
     digest: str = ""
 
 
+def check_peers(names: tuple[str, ...]) -> None:
+    """Refuse ``--auto-peers`` names that are not peers (:data:`esr_deploy.validate.peers.PEERS`)
+    before any work, rather than after every candidate was built."""
+    from esr_deploy.validate.peers import PEERS
+
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise EsrDeployError(
+            f"--auto-peers: unknown peer(s) {', '.join(unknown)} — the peers are "
+            f"{', '.join(PEERS)}, or 'none'."
+        )
+
+
 def check_options(options: CompileOptions) -> None:
     """Refuse contradictory or out-of-range options before any work (exit code 2)."""
     src = options.source
@@ -89,6 +102,7 @@ def check_options(options: CompileOptions) -> None:
     if options.prune_to is not None and options.prune_to < 1:
         raise EsrDeployError(f"--prune-to must be at least 1 channel, got {options.prune_to}.")
     check_precision_options(options.precision)
+    check_peers(options.auto_peers or ())
     if options.exporter not in EXPORTERS:
         raise EsrDeployError(
             f"--exporter {options.exporter!r} is not an exporter — choose one of "

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.shapes import parse_shape
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.metrics import model_metrics
-from esr_deploy.validate.peers import PEERS, measure_peers, shape_key
+from esr_deploy.validate.peers import PEERS, Runner, measure_peers, shape_key, vs_best_peer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ESR_SHARED", REPO.parent / "shared"))
@@ -80,8 +81,9 @@ def compile_targets(
 ) -> list[dict[str, Any]]:
     """Compile ``targets`` of the official ``name`` checkpoint as auto does, int8 ones at
     both budgets, into ``folder/<name>/<target>-<budget>`` (a bundle already there, from an
-    earlier run with ``--bundles``, is reused); one row per engine, with its loaded
-    session under ``"run"``."""
+    earlier run with ``--bundles``, is reused); one row per engine, with the loader of its
+    session under ``"load"`` (each shape loads it afresh, so it can be let go when the
+    runners of a large shape do not fit in memory together)."""
     rows: list[dict[str, Any]] = []
     for target in targets:
         budgets = int8_budgets if target.endswith("-int8") else [AUTO_MAX_PSNR_DROP]
@@ -100,10 +102,14 @@ def compile_targets(
                 continue
             v = manifest["validation"]["Set5"]
             row.update(psnr_drop=v["psnr_drop"], passed=bool(v["passed"]))
-            bundle = open_bundle(out)
-            _, backend = require_available(target)
-            row["run"] = backend.load(bundle.engine_path, bundle.manifest["engine"]["settings"]).run
+            row["load"] = partial(_engine_runner, target, out)
     return rows
+
+
+def _engine_runner(target: str, bundle_dir: Path) -> Runner:
+    bundle = open_bundle(bundle_dir)
+    _, backend = require_available(target)
+    return backend.load(bundle.engine_path, bundle.manifest["engine"]["settings"]).run
 
 
 def _compiled(name: str, target: str, budget: float, out: Path, row: dict[str, Any]) -> Any:
@@ -144,8 +150,8 @@ def bench_model(name: str, shapes: list[tuple[int, int]], args: argparse.Namespa
     macs = {shape_key(hw): model_metrics(meta, hw).flops for hw in shapes}
     with tempfile.TemporaryDirectory(prefix="esr-bench-") as tmp:
         engines = compile_targets(name, args.targets, args.bundles or Path(tmp), args.int8_budgets)
-        runners = {_label(r): r.pop("run") for r in engines if "run" in r}
-        runners[MATMUL] = matmul_runner()
+        runners = {_label(r): r.pop("load") for r in engines if "load" in r}
+        runners[MATMUL] = matmul_runner
         rows = measure_peers(
             model,
             recipe.data_range,
@@ -159,7 +165,8 @@ def bench_model(name: str, shapes: list[tuple[int, int]], args: argparse.Namespa
     by_label = {_label(r): r for r in engines}
     for row in rows:  # measure_peers' engine rows carry the timings; merge into ours
         if "engine" in row and row["engine"] in by_label:
-            by_label[row["engine"]]["latency_ms"] = row.get("latency_ms", {})
+            mine = by_label[row["engine"]]
+            mine.update({k: row[k] for k in ("latency_ms", "group", "failed") if k in row})
     peers = [r for r in rows if "peer" in r]
     matmul = next(r for r in rows if r.get("engine") == MATMUL)
     return {"model": name, "macs": macs, "peers": peers, "engines": engines, "matmul": matmul}
@@ -186,15 +193,13 @@ def summarise(result: dict, shapes: list[tuple[int, int]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"chosen": _label(chosen)}
         for hw in shapes:
             key = shape_key(hw)
-            peers = [(ms(p, key), p["peer"]) for p in result["peers"] if ms(p, key)]
-            fp32 = [(t, n) for t, n in peers if "bf16" not in n]
             mine = ms(chosen, key)
-            if mine and peers:
-                best, best_name = min(peers)
-                entry[key] = {"ms": mine, "best_peer": best_name, "vs_best_peer": best / mine}
+            best = vs_best_peer(result["peers"], key, mine) if mine else {}
+            if best and mine:
+                entry[key] = {"ms": mine, "best_peer": best["peer"], "vs_best_peer": best["ratio"]}
+                fp32 = vs_best_peer(result["peers"], key, mine, fp32_only=True)
                 if fp32:
-                    entry[key]["vs_best_fp32_peer"] = min(fp32)[0] / mine
-                    entry[key]["best_fp32_peer"] = min(fp32)[1]
+                    entry[key].update(best_fp32_peer=fp32["peer"], vs_best_fp32_peer=fp32["ratio"])
         summary["auto"][f"{budget:g}"] = entry
     for hw in shapes:
         key = shape_key(hw)
@@ -228,7 +233,7 @@ def table(result: dict, summary: dict, shapes: list[tuple[int, int]]) -> list[st
             cells.append(f"{stats['median']:.1f}" if stats else "—")
             cells.append(f"{g[0]:.1f} ({g[1]:.0%})" if g else "—")
         lines.append(f"| {label} | {drop} | " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += ["", *_group_notes([*result["peers"], *result["engines"], result["matmul"]], keys)]
     for budget, entry in summary["auto"].items():
         parts = [
             f"{k}: {v['ms']:.1f} ms, {v['vs_best_peer']:.2f}× the best peer ({v['best_peer']})"
@@ -242,6 +247,22 @@ def table(result: dict, summary: dict, shapes: list[tuple[int, int]]) -> list[st
         ]
         lines.append(f"- auto at {budget} dB chooses **{entry['chosen']}**; " + "; ".join(parts))
     return [*lines, ""]
+
+
+def _group_notes(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """Where the runners of a shape did not fit in memory together (``measure_peers`` timed
+    them in groups, interleaved within each), which ran together."""
+    notes = []
+    for key in keys:
+        groups: dict[int, list[str]] = {}
+        for row in rows:
+            if key in row.get("group", {}):
+                groups.setdefault(row["group"][key], []).append(_label(row))
+        if groups:
+            parts = "; ".join(f"{', '.join(names)}" for _, names in sorted(groups.items()))
+            notes.append(f"- at {key} the runners did not fit in memory together; interleaved "
+                         f"within each group only: {parts}")  # fmt: skip
+    return notes
 
 
 def header() -> list[str]:

@@ -49,7 +49,7 @@ from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.figures import targets_figure
 from esr_deploy.validate.latency import LatencyStats, measure_interleaved
-from esr_deploy.validate.peers import measure_peers, shape_key
+from esr_deploy.validate.peers import Loader, measure_peers, shape_key, vs_best_peer
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def time_candidates(
             advance()
         return stats, []
     with progress.task(f"auto: timing {len(passed)} engines and {len(peers)} peers", 1) as done:
-        engines = {name: b.session.run for name, b in passed.items()}
+        engines = {name: _loaded(b) for name, b in passed.items()}
         rows = measure_peers(model, data_range, [shape], AUTO_RUNS, peers=peers, engines=engines)
         done()
     key = shape_key(shape)
@@ -140,15 +140,9 @@ def time_candidates(
     return stats, [r for r in rows if "peer" in r]
 
 
-def vs_best_peer(peer_rows: list[dict[str, Any]], shape: HW, chosen_ms: float) -> dict[str, Any]:
-    """The fastest peer that ran, and how many times faster the chosen engine is than it."""
-    key = shape_key(shape)
-    ran = [(r["latency_ms"][key]["median"], r["peer"]) for r in peer_rows
-           if key in r.get("latency_ms", {})]  # fmt: skip
-    if not ran:
-        return {}
-    ms, name = min(ran)
-    return {"peer": name, "median_ms": round(ms, 3), "ratio": round(ms / chosen_ms, 3)}
+def _loaded(build: TargetBuild) -> Loader:
+    """The loader of a candidate's session, already built (it is kept for publishing)."""
+    return lambda: build.session.run
 
 
 def auto_section(
@@ -179,7 +173,7 @@ def auto_section(
         + ", ".join(f"{n} {medians[n]:.1f} ms" for n in ranked)
         + f" (medians of {AUTO_RUNS} interleaved runs)"
     )
-    best = vs_best_peer(peers or [], shape, medians[ranked[0]])
+    best = vs_best_peer(peers or [], shape_key(shape), medians[ranked[0]])
     if best:
         reason += (f"; {best['ratio']:.2f}× the fastest peer here ({best['peer']}, "
                    f"{best['median_ms']:.1f} ms)")  # fmt: skip

@@ -52,6 +52,7 @@ from esr_deploy.data import (
     write_image,
 )
 from esr_deploy.errors import DataError, EsrDeployError, OutputError, TilingError
+from esr_deploy.memory import available_memory
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.runtime.bundle_reader import Bundle, open_bundle
 from esr_deploy.runtime.resize_geometry import ResizeGeometry, explicit_resize, rewritable
@@ -65,17 +66,6 @@ MEMORY_SLACK = 2.5
 #: share of the memory available at load time that one engine call may use by default
 DEFAULT_MEMORY_FRACTION = 0.5
 _PROBE = 64  # LR side of the shape-inference probe
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (``MemAvailable``), or 4 GiB where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 def bytes_per_lr_pixel(model: onnx.ModelProto) -> float:

@@ -27,13 +27,15 @@ given). Results are plain JSON-able dicts, one per peer::
 
 or ``{"peer": ..., "description": ..., "skipped": "<why it cannot run here>"}``. The caller's
 own engines can be timed in the same interleaving (``engines``) and come back in the same
-form under ``"engine"`` instead of ``"peer"``.
+form under ``"engine"`` instead of ``"peer"``. Where the runners of one shape do not fit in
+memory together they are timed in groups, interleaved within each (``"group"``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import logging
 import warnings
@@ -47,15 +49,28 @@ import torch
 from torch import nn
 
 from esr_deploy.cpu import bf16_unavailable_reason, default_threads
+from esr_deploy.memory import available_memory, peak_bytes, reset_peak, resident_bytes
 from esr_deploy.threads import torch_threads
 from esr_deploy.validate.latency import measure_interleaved
 
-__all__ = ["PEERS", "Runner", "measure_peers", "peer_runners", "shape_key"]
+__all__ = [
+    "PEERS",
+    "Loader",
+    "Runner",
+    "measure_peers",
+    "peer_runners",
+    "shape_key",
+    "vs_best_peer",
+]
 
 log = logging.getLogger(__name__)
 
 #: A runner takes one float32 NCHW LR array and returns when its output is ready.
 Runner = Callable[[np.ndarray], object]
+#: A loader builds a runner (a session, a compiled model) when it is called.
+Loader = Callable[[], Runner]
+#: memory left free beyond twice the largest runner's footprint (see :func:`_time_shape`)
+HEADROOM = 1 << 30
 
 #: peer id → what it is, as the results describe it
 PEERS: Mapping[str, str] = {
@@ -190,17 +205,20 @@ def measure_peers(
     rounds: int = 7,
     large_rounds: int | None = None,
     peers: Sequence[str] = tuple(PEERS),
-    engines: Mapping[str, Runner] | None = None,
+    engines: Mapping[str, Loader] | None = None,
     threads: int | None = None,
     warmup: int = 2,
+    available: Callable[[], int] = available_memory,
 ) -> list[dict[str, Any]]:
     """Time every peer (and the caller's ``engines``) interleaved at each shape.
 
     Input: uniform random values in ``[0, data_range)``, seed 0, 1×3×H×W float32. Shapes
     with more than 512×512 pixels use ``large_rounds`` rounds (default ``rounds``). A peer
     that fails to build or run at a shape gets ``"failed": {"<shape>": "<first line>"}`` and
-    is left out of that shape's timing. Returns the list described in the module docstring,
-    peers first, then engines, in the order given.
+    is left out of that shape's timing. ``engines``: name → *loader* (a callable that returns
+    the runner), called once per shape when the engine's turn comes, so that its runner can
+    be let go when memory is short (see :func:`_time_shape`). Returns the list described in
+    the module docstring, peers first, then engines, in the order given.
     """
     threads = threads or default_threads()
     model.eval()
@@ -211,41 +229,98 @@ def measure_peers(
         if p.make is None:
             row["skipped"] = p.skipped
         rows.append(row)
-    for name in engines or {}:
+    loaders: list[tuple[dict[str, Any], Callable[[Sequence[int]], Runner]]] = [
+        (row, p.make) for p, row in zip(found, rows, strict=True) if p.make is not None
+    ]
+    for name, load in (engines or {}).items():
         rows.append({"engine": name})
+        loaders.append((rows[-1], _ignore_shape(load)))
     with torch_threads(threads):
         for hw in shapes:
-            _time_shape(found, rows, engines or {}, hw, data_range, rounds, large_rounds, warmup)
+            n = large_rounds if large_rounds and hw[0] * hw[1] > 512 * 512 else rounds
+            _time_shape(loaders, hw, data_range, n, warmup, available)
     return rows
 
 
+def _ignore_shape(load: Loader) -> Callable[[Sequence[int]], Runner]:
+    return lambda _hw: load()
+
+
 def _time_shape(
-    found: Sequence[_Peer],
-    rows: list[dict[str, Any]],
-    engines: Mapping[str, Runner],
+    loaders: Sequence[tuple[dict[str, Any], Callable[[Sequence[int]], Runner]]],
     hw: Sequence[int],
     data_range: float,
     rounds: int,
-    large_rounds: int | None,
     warmup: int,
+    available: Callable[[], int],
 ) -> None:
+    """Build each runner at ``hw``, run it once (its build probe: a runner that fails here is
+    a ``failed`` row) and time the runners interleaved.
+
+    Memory: a runner keeps what its first call allocated (ONNX Runtime's arena: about 8 GiB
+    for IMDN at 720×1280), so all of them at once may not fit. Each runner's footprint is the
+    peak resident growth of its build and first call (:mod:`esr_deploy.memory`). Before the
+    next runner is built, if less than ``2 × largest footprint + HEADROOM`` is available
+    (room for it and for the largest transient of the ones held), the runners held so far
+    are timed as one group and let go. Runners are interleaved within their group only; rows
+    timed in more than one group per shape say which group (``"group": {"<shape>": k}``).
+    """
     key = shape_key(hw)
     x = np.random.default_rng(0).random((1, 3, int(hw[0]), int(hw[1])), dtype=np.float32)
     x = (x * data_range).astype(np.float32)
-    timed: list[tuple[dict[str, Any], Runner]] = []
-    for p, row in zip(found, rows, strict=False):
-        if p.make is None:
-            continue
+    held: list[tuple[dict[str, Any], Runner]] = []
+    groups: list[list[dict[str, Any]]] = []
+    largest = 0
+    for row, make in loaders:
+        if held and available() < 2 * largest + HEADROOM:
+            groups.append(_time_group(held, x, key, rounds, warmup))
+            held = []  # the group's runners are let go here
+            gc.collect()
+        base = resident_bytes()
+        reset_peak()
         try:
-            runner = p.make(hw)
+            runner = make(hw)
             runner(x)  # builds lazily (torch.compile) and fails here, not in the timing
-        except Exception as exc:  # a peer that cannot run is a result, not the end
+        except Exception as exc:  # a runner that cannot run is a result, not the end
             row.setdefault("failed", {})[key] = (str(exc).strip().splitlines() or ["?"])[0]
             continue
-        timed.append((row, runner))
-    engine_rows = rows[len(found) :]
-    timed += [(row, engines[row["engine"]]) for row in engine_rows]
-    n = large_rounds if large_rounds and hw[0] * hw[1] > 512 * 512 else rounds
-    stats = measure_interleaved([partial(r, x) for _, r in timed], warmup=warmup, rounds=n)
-    for (row, _), s in zip(timed, stats, strict=True):
-        row.setdefault("latency_ms", {})[key] = s.to_dict()
+        largest = max(largest, peak_bytes() - base)
+        held.append((row, runner))
+        del runner
+    groups.append(_time_group(held, x, key, rounds, warmup))
+    if len(groups) > 1:
+        for k, rows in enumerate(groups):
+            for row in rows:
+                row.setdefault("group", {})[key] = k
+
+
+def _time_group(
+    group: Sequence[tuple[dict[str, Any], Runner]],
+    x: np.ndarray,
+    key: str,
+    rounds: int,
+    warmup: int,
+) -> list[dict[str, Any]]:
+    """Time ``group``'s runners interleaved on ``x``; their rows get the stats under ``key``."""
+    if group:
+        runs = [partial(r, x) for _, r in group]
+        for (row, _), s in zip(group, measure_interleaved(runs, warmup, rounds), strict=True):
+            row.setdefault("latency_ms", {})[key] = s.to_dict()
+    return [row for row, _ in group]
+
+
+def vs_best_peer(
+    peer_rows: Sequence[Mapping[str, Any]], key: str, chosen_ms: float, fp32_only: bool = False
+) -> dict[str, Any]:
+    """The fastest peer timed at shape ``key`` (of the fp32 ones with ``fp32_only``) and how
+    many times faster an engine of median ``chosen_ms`` is: ``{"peer", "median_ms",
+    "ratio"}`` (ratio = peer's median / ``chosen_ms``), or ``{}`` where no peer ran."""
+    ran = [
+        (float(r["latency_ms"][key]["median"]), str(r["peer"]))
+        for r in peer_rows
+        if key in r.get("latency_ms", {}) and (not fp32_only or str(r["peer"]).endswith("fp32"))
+    ]
+    if not ran:
+        return {}
+    ms, name = min(ran)
+    return {"peer": name, "median_ms": round(ms, 3), "ratio": round(ms / chosen_ms, 3)}

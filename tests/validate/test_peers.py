@@ -4,6 +4,9 @@ runtimes, computes the model, and is timed side by side with the caller's engine
 from __future__ import annotations
 
 import json
+import weakref
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +15,15 @@ import torch
 from torch import nn
 
 from esr_deploy.cpu import bf16_unavailable_reason
-from esr_deploy.validate.peers import PEERS, measure_peers, plain_onnx, shape_key
+from esr_deploy.memory import reset_peak
+from esr_deploy.validate.peers import (
+    HEADROOM,
+    PEERS,
+    measure_peers,
+    plain_onnx,
+    shape_key,
+    vs_best_peer,
+)
 
 
 class _TinyUpscaler(nn.Module):
@@ -51,15 +62,19 @@ def test_peers_and_engines_are_timed_side_by_side(model: nn.Module) -> None:
         calls.append(x.shape)
         return x
 
+    def load_engine() -> Callable[[np.ndarray], object]:
+        return engine
+
     peers = [p for p in PEERS if p != "torch-compile-fp32"]
     rows = measure_peers(
         model, 255.0, shapes=((16, 24), (20, 12)), rounds=3, peers=peers,
-        engines={"mine": engine}, threads=1,
+        engines={"mine": load_engine}, threads=1,
     )  # fmt: skip
     json.dumps(rows)  # plain JSON
     assert [r.get("peer") for r in rows[:-1]] == peers and rows[-1]["engine"] == "mine"
-    # warm-up 2 + 3 rounds × (rewarm + timed) per shape
-    assert calls == [(1, 3, 16, 24)] * 8 + [(1, 3, 20, 12)] * 8
+    # build probe 1 + warm-up 2 + 3 rounds × (rewarm + timed) per shape
+    assert calls == [(1, 3, 16, 24)] * 9 + [(1, 3, 20, 12)] * 9
+    assert all("group" not in row for row in rows)  # a few kB each: one interleaving
     for row in rows:
         if row.get("peer") == "eager-bf16" and bf16_unavailable_reason():
             assert "bf16" in row["skipped"] and "latency_ms" not in row
@@ -83,6 +98,56 @@ def test_a_peer_that_cannot_run_is_a_result() -> None:
     for row in rows:
         assert list(row["failed"]) == ["1x3x2x2"] and row["failed"]["1x3x2x2"]
         assert "latency_ms" not in row
+
+
+class _Holder:
+    """A runner that holds ``MIB`` MiB for as long as it lives, as a session holds its arena,
+    and logs when it is built and freed."""
+
+    MIB = 64
+
+    def __init__(self, name: str, events: list[tuple[str, str]]) -> None:
+        self.block = np.ones(self.MIB << 20, dtype=np.uint8)  # touched: resident
+        events.append(("load", name))
+        weakref.finalize(self, events.append, ("free", name))
+
+    def __call__(self, x: np.ndarray) -> object:
+        return self.block[:1].sum()
+
+
+@pytest.mark.skipif(not reset_peak(), reason="no /proc/self/clear_refs: peaks not measurable")
+def test_runners_that_do_not_fit_together_are_timed_in_groups_and_let_go(
+    model: nn.Module,
+) -> None:
+    """With room for one holder at a time, each is built, timed and freed before the next is
+    built, and the rows say which group they were timed in; with room for all, one group."""
+    events: list[tuple[str, str]] = []
+    engines = {n: partial(_Holder, n, events) for n in "abc"}
+    tight = 2 * (_Holder.MIB << 20) + HEADROOM - 1  # < 2 × footprint + headroom: no room
+    rows = measure_peers(model, 1.0, ((8, 8),), rounds=2, peers=[], engines=engines,
+                         threads=1, available=lambda: tight)  # fmt: skip
+    names = "abc"
+    assert events == [(what, n) for n in names for what in ("load", "free")]
+    assert [r["group"] for r in rows] == [{"1x3x8x8": k} for k in range(3)]
+    assert all(r["latency_ms"]["1x3x8x8"]["runs"] == 2 for r in rows)
+    events.clear()
+    rows = measure_peers(model, 1.0, ((8, 8),), rounds=2, peers=[], engines=engines,
+                         threads=1, available=lambda: 1 << 50)  # fmt: skip
+    assert events[:3] == [("load", n) for n in names] and len(events) == 6
+    assert all("group" not in r and r["latency_ms"]["1x3x8x8"]["runs"] == 2 for r in rows)
+
+
+def test_best_peer_is_the_fastest_that_ran_and_can_be_fp32_only() -> None:
+    rows = [
+        {"peer": "eager-bf16", "latency_ms": {"k": {"median": 10.0}}},
+        {"peer": "ov-plain-fp32", "latency_ms": {"k": {"median": 20.0}}},
+        {"peer": "eager-fp32", "latency_ms": {"k": {"median": 40.0}}},
+        {"peer": "ort-plain-fp32", "failed": {"k": "boom"}},
+    ]
+    assert vs_best_peer(rows, "k", 5.0) == {"peer": "eager-bf16", "median_ms": 10.0, "ratio": 2.0}
+    best = vs_best_peer(rows, "k", 5.0, fp32_only=True)
+    assert best == {"peer": "ov-plain-fp32", "median_ms": 20.0, "ratio": 4.0}
+    assert vs_best_peer(rows, "other", 5.0) == {}
 
 
 def test_unknown_peer_is_refused(model: nn.Module) -> None:

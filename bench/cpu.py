@@ -160,8 +160,8 @@ def bench_model(name: str, shapes: list[tuple[int, int]], args: argparse.Namespa
             args.large_runs,
             args.peers,
             runners,
-            warmup=0,  # each runner already ran once (its build probe) and every timed call
-        )  # follows an untimed one of the same runner
+            warmup=1,  # after the build probe: ONNX Runtime sizes its arena in the 2nd call
+        )
     by_label = {_label(r): r for r in engines}
     for row in rows:  # measure_peers' engine rows carry the timings; merge into ours
         if "engine" in row and row["engine"] in by_label:

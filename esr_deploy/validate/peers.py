@@ -254,12 +254,13 @@ def _time_shape(
     warmup: int,
     available: Callable[[], int],
 ) -> None:
-    """Build each runner at ``hw``, run it once (its build probe: a runner that fails here is
-    a ``failed`` row) and time the runners interleaved.
+    """Build each runner at ``hw``, run it ``1 + warmup`` times (the first call is its build
+    probe: a runner that fails there is a ``failed`` row) and time the runners interleaved.
 
-    Memory: a runner keeps what its first call allocated (ONNX Runtime's arena: about 8 GiB
-    for IMDN at 720×1280), so all of them at once may not fit. Each runner's footprint is the
-    peak resident growth of its build and first call (:mod:`esr_deploy.memory`). Before the
+    Memory: a runner keeps what its first calls allocated (ONNX Runtime plans its memory
+    pattern in the first call and allocates it in the second: about 8 GiB for IMDN at
+    720×1280), so all of them at once may not fit. Each runner's footprint is the peak
+    resident growth of its build and those calls (:mod:`esr_deploy.memory`). Before the
     next runner is built, if less than ``2 × largest footprint + HEADROOM`` is available
     (room for it and for the largest transient of the ones held), the runners held so far
     are timed as one group and let go. Runners are interleaved within their group only; rows
@@ -273,21 +274,26 @@ def _time_shape(
     largest = 0
     for row, make in loaders:
         if held and available() < 2 * largest + HEADROOM:
-            groups.append(_time_group(held, x, key, rounds, warmup))
+            groups.append(_time_group(held, x, key, rounds))
             held = []  # the group's runners are let go here
             gc.collect()
         base = resident_bytes()
         reset_peak()
         try:
             runner = make(hw)
-            runner(x)  # builds lazily (torch.compile) and fails here, not in the timing
+            for _ in range(1 + warmup):  # the first call builds lazily (torch.compile) and
+                runner(x)  # fails here, not in the timing; the others warm it up
         except Exception as exc:  # a runner that cannot run is a result, not the end
             row.setdefault("failed", {})[key] = (str(exc).strip().splitlines() or ["?"])[0]
             continue
-        largest = max(largest, peak_bytes() - base)
+        footprint = peak_bytes() - base
+        largest = max(largest, footprint)
+        log.info("%s at %s: footprint %.2f GiB, %.2f GiB available, %d held",
+                 row.get("peer") or row.get("engine"), key, footprint / 2**30,
+                 available() / 2**30, len(held) + 1)  # fmt: skip
         held.append((row, runner))
         del runner
-    groups.append(_time_group(held, x, key, rounds, warmup))
+    groups.append(_time_group(held, x, key, rounds))
     if len(groups) > 1:
         for k, rows in enumerate(groups):
             for row in rows:
@@ -299,12 +305,11 @@ def _time_group(
     x: np.ndarray,
     key: str,
     rounds: int,
-    warmup: int,
 ) -> list[dict[str, Any]]:
     """Time ``group``'s runners interleaved on ``x``; their rows get the stats under ``key``."""
     if group:
-        runs = [partial(r, x) for _, r in group]
-        for (row, _), s in zip(group, measure_interleaved(runs, warmup, rounds), strict=True):
+        runs = [partial(r, x) for _, r in group]  # warmed up as they were built
+        for (row, _), s in zip(group, measure_interleaved(runs, 0, rounds), strict=True):
             row.setdefault("latency_ms", {})[key] = s.to_dict()
     return [row for row, _ in group]
 

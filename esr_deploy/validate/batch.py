@@ -11,10 +11,13 @@ parity floor. Kernels may differ between batch sizes (another blocking, another 
 order), so exact equality is not required; a batch that mixes images up fails by tens of dB.
 
 **Throughput.** At one LR shape ``h × w`` the engine runs batch 1 and batch ``N`` alternately
-(:func:`esr_deploy.validate.latency.measure_interleaved`, each timed call re-warmed, so one
-warm-up round is enough), at least 3 rounds and at most ``runs``, fewer once the timed calls
-reach :data:`THROUGHPUT_BUDGET_S`; recorded per batch size: the median latency of one call,
-``images/s = N / median`` and the rounds timed.
+(:func:`esr_deploy.validate.latency.measure_interleaved` after one warm-up round), at least
+3 rounds and at most ``runs``, fewer once the timed calls reach :data:`THROUGHPUT_BUDGET_S`;
+recorded per batch size: the median latency of one call, ``images/s = N / median`` and the
+rounds timed. Timed calls are not re-warmed (unlike the latency's): a whole-image call lasts
+hundreds of milliseconds on a CPU, far longer than the caches the other batch size
+disturbed take to refill, and re-warming doubled this stage (RLFN at 256×256 on 2 cores:
+about 18 s of a 60 s compile).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def measure_throughput(
         [lambda: session.run(one), lambda: session.run(many)],
         warmup=min(warmup, 1),
         rounds=runs,
+        rewarm=False,
         budget_s=THROUGHPUT_BUDGET_S,
     )
     return {

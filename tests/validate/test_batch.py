@@ -53,7 +53,16 @@ def test_batch_equals_single_runs_and_a_mixed_up_batch_fails(engine: tuple) -> N
 
 def test_throughput_is_images_per_second_at_both_batches(engine: tuple) -> None:
     session, recipe, _ = engine
-    result = measure_throughput(session, (32, 32), recipe.data_range, runs=2, warmup=0)
+    batches: list[int] = []
+
+    class Counted:
+        def run(self, lr: np.ndarray) -> np.ndarray:
+            batches.append(lr.shape[0])
+            return session.run(lr)
+
+    result = measure_throughput(Counted(), (32, 32), recipe.data_range, runs=2, warmup=1)
+    # one warm-up round, then 2 timed rounds, alternating, none re-warmed
+    assert batches == [1, CHECK_BATCH] * 3
     assert set(result) == {"1x3x32x32", f"{CHECK_BATCH}x3x32x32"}
     for key, r in result.items():
         batch = int(key.split("x")[0])

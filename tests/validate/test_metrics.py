@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from user_models.plain_sr import PlainSR
 
-from esr_deploy.validate.metrics import ModelMetrics, model_metrics
+from esr_deploy.validate.metrics import ModelMetrics, _conv_shaped_zeros, model_metrics
 
 
 def test_tiny_two_conv_net_by_hand() -> None:
@@ -102,3 +104,57 @@ def test_rfdn_matches_ntire2023_report() -> None:
     assert round(m.flops / 1e9, 2) == 27.10
     assert round(m.activations / 1e6, 2) == 112.03
     assert m.convs == 64
+
+
+@pytest.mark.parametrize(
+    ("func", "x_shape", "w_shape", "kwargs"),
+    [
+        (F.conv2d, (1, 3, 17, 23), (8, 3, 3, 3), {"padding": 1}),
+        (F.conv2d, (2, 4, 17, 23), (6, 2, 5, 3),
+         {"stride": (2, 3), "padding": (2, 0), "groups": 2}),
+        (F.conv2d, (1, 4, 19, 20), (4, 1, 3, 3), {"dilation": 2, "padding": "same", "groups": 4}),
+        (F.conv2d, (1, 3, 19, 20), (5, 3, 4, 2), {"padding": "valid", "stride": 3}),
+        (torch.conv2d, (3, 16, 16), (2, 3, 1, 1), {}),  # unbatched
+        (F.conv_transpose2d, (1, 8, 9, 11), (8, 3, 4, 4), {"stride": 2, "padding": 1}),
+        (F.conv_transpose2d, (1, 4, 9, 11), (4, 2, 3, 5),
+         {"stride": (3, 2), "padding": (1, 2), "output_padding": (2, 1), "groups": 2,
+          "dilation": (1, 2)}),
+    ],
+)  # fmt: skip
+def test_convs_stand_in_with_their_real_output_shape(
+    func: Any, x_shape: tuple[int, ...], w_shape: tuple[int, ...], kwargs: dict[str, Any]
+) -> None:
+    x, w = torch.rand(x_shape), torch.rand(w_shape)
+    real = func(x, w, **kwargs)
+    stand_in = _conv_shaped_zeros(func, (x, w), kwargs)
+    assert stand_in.shape == real.shape and not stand_in.any()
+    order = ("stride", "padding", "output_padding", "groups", "dilation") if "transpose" in \
+        func.__name__ else ("stride", "padding", "dilation", "groups")  # fmt: skip
+    defaults = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+    positional = _conv_shaped_zeros(
+        func, (x, w, None, *({**defaults, **kwargs}[k] for k in order)), {}
+    )
+    assert positional.shape == real.shape
+
+
+def test_padding_modes_and_counts_match_a_real_run() -> None:
+    """A reflect-padded conv (the module pads, then convs) and a transposed conv: the counts
+    with stand-in convs equal those of hooks on a real forward."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=2, padding_mode="reflect", dilation=2),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1),
+        nn.Conv2d(4, 3, 3, stride=2),
+    ).eval()
+    shapes: list[torch.Size] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: shapes.append(o.shape))
+             for m in model if not isinstance(m, nn.ReLU)]  # fmt: skip
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 40, 36))
+    for h in hooks:
+        h.remove()
+    m = model_metrics(model, (40, 36))
+    convs = [c for c in model if not isinstance(c, nn.ReLU)]
+    expected = sum(c.weight.numel() * s.numel() // s[1] for c, s in zip(convs, shapes, strict=True))
+    assert m.flops == expected + shapes[0].numel()  # + the ReLU's outputs
+    assert m.activations == sum(s.numel() for s in shapes) and m.convs == 3

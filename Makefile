@@ -15,7 +15,7 @@ SPANDREL := spandrel==0.4.2
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast test-gpu gpu-check bench throughput cpu-bench precision \
-	upscale-bench ray-bench zoo reparam prune lint clean cpu-bench-quick
+	upscale-bench ray-bench zoo reparam prune lint clean cpu-bench-quick commands-bench
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,7 @@ gpu-check:
 
 bench: install
 	$(BIN)/python bench/cpu.py
+	$(BIN)/python bench/commands.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/upscale.py
@@ -56,6 +57,10 @@ bench: install
 
 throughput: install
 	$(BIN)/python bench/throughput.py
+
+# wall time of --help, targets, inspect and two full RLFN compiles, each in a fresh process
+commands-bench: install
+	$(BIN)/python bench/commands.py
 
 upscale-bench: install
 	$(BIN)/python bench/upscale.py

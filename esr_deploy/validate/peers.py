@@ -279,12 +279,8 @@ def _time_shape(
             gc.collect()
         base = resident_bytes()
         reset_peak()
-        try:
-            runner = make(hw)
-            for _ in range(1 + warmup):  # the first call builds lazily (torch.compile) and
-                runner(x)  # fails here, not in the timing; the others warm it up
-        except Exception as exc:  # a runner that cannot run is a result, not the end
-            row.setdefault("failed", {})[key] = (str(exc).strip().splitlines() or ["?"])[0]
+        runner = _built(make, hw, x, 1 + warmup, row)
+        if runner is None:
             continue
         footprint = peak_bytes() - base
         largest = max(largest, footprint)
@@ -298,6 +294,27 @@ def _time_shape(
         for k, rows in enumerate(groups):
             for row in rows:
                 row.setdefault("group", {})[key] = k
+
+
+def _built(
+    make: Callable[[Sequence[int]], Runner],
+    hw: Sequence[int],
+    x: np.ndarray,
+    calls: int,
+    row: dict[str, Any],
+) -> Runner | None:
+    """The runner ``make`` builds for ``hw``, called ``calls`` times on ``x`` (the first call
+    builds lazily, as ``torch.compile`` does, and fails here rather than in the timing), or
+    None with the first line of the error under the row's ``failed`` (a runner that cannot
+    run is a result, not the end)."""
+    try:
+        runner = make(hw)
+        for _ in range(calls):
+            runner(x)
+    except Exception as exc:
+        row.setdefault("failed", {})[shape_key(hw)] = (str(exc).strip().splitlines() or ["?"])[0]
+        return None
+    return runner
 
 
 def _time_group(

@@ -8,8 +8,8 @@ time of each stage) is printed too:
 - ``esr-deploy --help``, ``esr-deploy targets``;
 - ``esr-deploy inspect CKPT`` for the official RLFN, IMDN and FMEN checkpoints;
 - ``esr-deploy compile rlfn_x4.pth --target ort-fp32 --val Set5 --val Set14`` (default
-  latency shapes 256×256 and 720×1280) and the same with ``--target ov-int8`` and ``ort-int8`` (their
-  sensitivity searches included).
+  latency shapes 256×256 and 720×1280) and the same with ``--target ov-int8`` and
+  ``--target ort-int8`` (their sensitivity searches included).
 
 The CPU model, its flags and the load average at the start are printed first: a busy machine
 makes every figure larger. Results: ``bench/out/commands.json``.

@@ -182,6 +182,20 @@ def test_auto_runs_the_frontend_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not list(tmp_path.glob("esr-deploy-*"))
 
 
+def test_auto_times_the_engines_of_an_onnx_source_without_peers(tmp_path: Path) -> None:
+    """An ONNX file has no ``nn.Module`` for the peers: auto times its candidates alone."""
+    source = export_tiny(tmp_path / "tiny.onnx")
+    candidates = ("ort-fp32", "ov-fp32")
+    result = esr_deploy.compile(source, "auto", out=tmp_path / "auto",
+                                auto_candidates=candidates, latency_shapes=())  # fmt: skip
+    auto = result.manifest["auto"]
+    timed = [c for c in auto["candidates"] if c.get("passed")]
+    assert {c["target"] for c in timed} == set(candidates)
+    assert all(c["median_ms"] > 0 for c in timed)
+    assert auto["chosen"] == min(timed, key=lambda c: c["median_ms"])["target"]
+    assert not auto.get("peers") and not auto.get("vs_best_peer")
+
+
 @pytest.mark.slow  # the bundled RLFN, probed and verified by every pass: about a minute
 def test_compile_the_bundled_checkpoint(tmp_path: Path) -> None:
     result = esr_deploy.compile(example_checkpoint(), "ort-fp32", out=tmp_path / "rlfn",

@@ -33,12 +33,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from esr_deploy.bundle import StagedBundle, check_writable
 from esr_deploy.compiling.backend import TargetBuild, build_target
 from esr_deploy.compiling.frontend import Frontend
+from esr_deploy.compiling.onnx_source import OnnxModel
 from esr_deploy.compiling.options import HW, CompileOptions, CompileResult
 from esr_deploy.compiling.publish import publish, validation_failure
 from esr_deploy.compiling.source import Notes, frontend_of, load_source
@@ -48,7 +46,7 @@ from esr_deploy.loading.detect import LoadedModel
 from esr_deploy.progress import NullProgress, Progress
 from esr_deploy.targets import availability, get_target, require_available
 from esr_deploy.validate.figures import targets_figure
-from esr_deploy.validate.latency import LatencyStats, measure_interleaved
+from esr_deploy.validate.latency import LatencyStats
 from esr_deploy.validate.peers import Loader, measure_peers, shape_key, vs_best_peer
 
 log = logging.getLogger(__name__)
@@ -121,19 +119,16 @@ def time_candidates(
 ) -> tuple[list[LatencyStats], list[dict[str, Any]]]:
     """Every engine that passed, and the ``peers``, timed interleaved at ``shape`` (see the
     module docstring). Peers need the trained ``nn.Module``: none for an ONNX source."""
-    data_range = frontend.recipe.data_range
-    model = frontend.loaded.model
-    if not peers or not isinstance(model, torch.nn.Module):
-        x = np.random.default_rng(0).random((1, 3, *shape), dtype=np.float32)
-        x = (x * data_range).astype(np.float32)
-        with progress.task(f"auto: timing {len(passed)} engines", 1) as advance:
-            runs = [partial(b.session.run, x) for b in passed.values()]
-            stats = measure_interleaved(runs, warmup=2, rounds=AUTO_RUNS)
-            advance()
-        return stats, []
-    with progress.task(f"auto: timing {len(passed)} engines and {len(peers)} peers", 1) as done:
+    # an ONNX source's model is an nn.Module in form only (it runs ONNX Runtime): no peers
+    onnx_source = isinstance(frontend.loaded.model, OnnxModel)
+    model = None if onnx_source else frontend.loaded.model
+    peers = () if onnx_source else peers
+    what = f"{len(passed)} engines" + (f" and {len(peers)} peers" if peers else "")
+    with progress.task(f"auto: timing {what}", 1) as done:
         engines = {name: _loaded(b) for name, b in passed.items()}
-        rows = measure_peers(model, data_range, [shape], AUTO_RUNS, peers=peers, engines=engines)
+        rows = measure_peers(
+            model, frontend.recipe.data_range, [shape], AUTO_RUNS, peers=peers, engines=engines
+        )
         done()
     key = shape_key(shape)
     stats = [LatencyStats.from_dict(r["latency_ms"][key]) for r in rows if "engine" in r]

@@ -199,7 +199,7 @@ def peer_runners(
 
 
 def measure_peers(
-    model: nn.Module,
+    model: nn.Module | None,
     data_range: float,
     shapes: Sequence[Sequence[int]] = ((256, 256),),
     rounds: int = 7,
@@ -215,14 +215,19 @@ def measure_peers(
     Input: uniform random values in ``[0, data_range)``, seed 0, 1×3×H×W float32. Shapes
     with more than 512×512 pixels use ``large_rounds`` rounds (default ``rounds``). A peer
     that fails to build or run at a shape gets ``"failed": {"<shape>": "<first line>"}`` and
-    is left out of that shape's timing. ``engines``: name → *loader* (a callable that returns
+    is left out of that shape's timing. ``model`` may be None when no peer is asked for
+    (the engines alone are timed). ``engines``: name → *loader* (a callable that returns
     the runner), called once per shape when the engine's turn comes, so that its runner can
     be let go when memory is short (see :func:`_time_shape`). Returns the list described in
     the module docstring, peers first, then engines, in the order given.
     """
     threads = threads or default_threads()
-    model.eval()
-    found = peer_runners(model, threads, peers)
+    if model is None:
+        if peers:
+            raise ValueError(f"peers {', '.join(peers)} need the model; none was given")
+        found = []
+    else:
+        found = peer_runners(model.eval(), threads, peers)
     rows: list[dict[str, Any]] = []
     for p in found:
         row: dict[str, Any] = {"peer": p.name, "description": PEERS[p.name]}

@@ -137,6 +137,20 @@ def test_runners_that_do_not_fit_together_are_timed_in_groups_and_let_go(
     assert all("group" not in r and r["latency_ms"]["1x3x8x8"]["runs"] == 2 for r in rows)
 
 
+def test_engines_alone_need_no_model() -> None:
+    calls: list[int] = []
+
+    def load() -> Callable[[np.ndarray], object]:
+        return lambda x: calls.append(x.shape[-1])
+
+    rows = measure_peers(None, 1.0, ((4, 6),), rounds=2, peers=(), engines={"mine": load},
+                         threads=1, warmup=1)  # fmt: skip
+    assert rows == [{"engine": "mine", "latency_ms": {"1x3x4x6": rows[0]["latency_ms"]["1x3x4x6"]}}]
+    assert rows[0]["latency_ms"]["1x3x4x6"]["runs"] == 2 and calls == [6] * 6
+    with pytest.raises(ValueError, match="need the model"):
+        measure_peers(None, 1.0, peers=["eager-fp32"])
+
+
 def test_best_peer_is_the_fastest_that_ran_and_can_be_fp32_only() -> None:
     rows = [
         {"peer": "eager-bf16", "latency_ms": {"k": {"median": 10.0}}},

@@ -46,12 +46,15 @@ class Run:
     seconds: float
 
 
-def esr_deploy(*args: object, cwd: Path, timeout: float = 300) -> Run:
-    """Run ``esr-deploy ARGS`` in ``cwd`` the way a user does, and capture what it prints."""
+def esr_deploy(
+    *args: object, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> Run:
+    """Run ``esr-deploy ARGS`` in ``cwd`` the way a user does, and capture what it prints
+    (``env``: variables set on top of this process's)."""
     # COLUMNS: no wrapping of table rows. One torch thread: these runs check behaviour, not
     # speed (no latency is measured), and on a busy 2-core machine two spinning OpenMP
     # threads per process make a compile about five times slower.
-    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "esr_deploy.cli", *map(str, args)],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import Run, one_error
+from cli_helpers import Run, esr_deploy, one_error
 from user_models.misbehaving import PlainSR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,25 +26,9 @@ FAST = ("--no-latency", "--passes", "none", "--target", "ort-fp32")
 
 
 def cli(*args: object, cwd: Path, pythonpath: Path | None = None) -> Run:
-    env = {
-        **os.environ,
-        "NO_COLOR": "1",
-        "COLUMNS": "250",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(
-            str(p) for p in (pythonpath, REPO, os.environ.get("PYTHONPATH")) if p
-        ),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "esr_deploy.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    return Run(proc.returncode, proc.stdout, proc.stderr, 0.0)
+    """``esr-deploy ARGS`` with ``pythonpath`` (the user's code) ahead of the repository."""
+    path = os.pathsep.join(str(p) for p in (pythonpath, REPO, os.environ.get("PYTHONPATH")) if p)
+    return esr_deploy(*args, cwd=cwd, timeout=600, env={"PYTHONPATH": path})
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,14 @@ import torch
 from esr_deploy.compiling import CompileOptions, compile_model
 from esr_deploy.compiling.auto import AUTO_CANDIDATES, AUTO_MAX_PSNR_DROP
 from esr_deploy.cpu import cpu_info, default_threads
+from esr_deploy.gate.engines import open_engine
 from esr_deploy.loading.checkpoint import load_checkpoint
 from esr_deploy.loading.detect import ModelSource
 from esr_deploy.loading.keys import load_weights
 from esr_deploy.recipe import find_recipe
 from esr_deploy.runtime.bundle_reader import open_bundle
 from esr_deploy.shapes import parse_shape
-from esr_deploy.targets import availability, get_target, require_available
+from esr_deploy.targets import availability, get_target
 from esr_deploy.validate.metrics import model_metrics
 from esr_deploy.validate.peers import PEERS, Runner, measure_peers, shape_key, vs_best_peer
 
@@ -102,14 +103,13 @@ def compile_targets(
                 continue
             v = manifest["validation"]["Set5"]
             row.update(psnr_drop=v["psnr_drop"], passed=bool(v["passed"]))
-            row["load"] = partial(_engine_runner, target, out)
+            row["load"] = partial(_engine_runner, out)
     return rows
 
 
-def _engine_runner(target: str, bundle_dir: Path) -> Runner:
-    bundle = open_bundle(bundle_dir)
-    _, backend = require_available(target)
-    return backend.load(bundle.engine_path, bundle.manifest["engine"]["settings"]).run
+def _engine_runner(bundle_dir: Path) -> Runner:
+    """The bundle's session, loaded as ``esr-deploy bench`` loads it (engine checked here)."""
+    return open_engine(bundle_dir).session.run
 
 
 def _compiled(name: str, target: str, budget: float, out: Path, row: dict[str, Any]) -> Any:

@@ -209,6 +209,18 @@ def memoized(reference: ReferenceRun) -> ReferenceRun:
     return run
 
 
+def sets_and_input_range(
+    loaded: LoadedModel, options: CompileOptions, timer: StageTimer
+) -> tuple[list[ValidationSet], InputRange]:
+    """The first stages of every frontend: the validation sets (``load``) and the input sizes
+    the model accepts (``probe``)."""
+    with timer.stage("load"):
+        sets = load_sets(options.val_dirs, loaded.recipe.scale)
+    with timer.stage("probe"):
+        input_range = derive_input_range(loaded.model, loaded.recipe.scale)
+    return sets, input_range
+
+
 def run_frontend(
     loaded: LoadedModel,
     options: CompileOptions,
@@ -220,10 +232,7 @@ def run_frontend(
     ``workdir``: a folder the caller owns and removes; the fp32 ONNX is written there.
     """
     recipe = loaded.recipe
-    with timer.stage("load"):
-        sets = load_sets(options.val_dirs, recipe.scale)
-    with timer.stage("probe"):
-        input_range = derive_input_range(loaded.model, recipe.scale)
+    sets, input_range = sets_and_input_range(loaded, options, timer)
     with timer.stage("passes"):
         deployed = deploy_form(loaded, options, input_range, sets)
     with timer.stage("export"):

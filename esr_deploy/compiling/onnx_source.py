@@ -19,7 +19,12 @@ import onnx
 import torch
 from torch import nn
 
-from esr_deploy.compiling.frontend import FRONTEND_ONNX, Frontend, load_sets, memoized
+from esr_deploy.compiling.frontend import (
+    FRONTEND_ONNX,
+    Frontend,
+    memoized,
+    sets_and_input_range,
+)
 from esr_deploy.compiling.options import CompileOptions
 from esr_deploy.compiling.stages import StageTimer
 from esr_deploy.errors import CheckpointError, EsrDeployError
@@ -27,7 +32,6 @@ from esr_deploy.export import (
     INPUT_NAME,
     OUTPUT_NAME,
     ExportResult,
-    derive_input_range,
     graph_stats,
 )
 from esr_deploy.loading.checkpoint import LoadedCheckpoint
@@ -231,11 +235,7 @@ def onnx_frontend(
             "Graph passes and pruning run on a PyTorch model — an ONNX file is compiled as "
             "given — drop the passes/pruning options, or compile the checkpoint instead."
         )
-    recipe = loaded.recipe
-    with timer.stage("load"):
-        sets = load_sets(options.val_dirs, recipe.scale)
-    with timer.stage("probe"):
-        input_range = derive_input_range(loaded.model, recipe.scale)
+    sets, input_range = sets_and_input_range(loaded, options, timer)
     with timer.stage("export"):
         path = workdir / FRONTEND_ONNX
         path.write_bytes(loaded.model.graph)
